@@ -1,0 +1,128 @@
+"""Finding volumes in a site's folders and loading them with their label maps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .dicom import read_dicom_series
+from .nifti import read_nifti
+from .volume import Volume, VolumeError
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_AFFINE_ATOL = 1e-3  # mm; DICOM DS strings and NIfTI float32 headers both round a little
+
+
+@dataclass
+class VolumeSource:
+    """Where one case lives on disk. kind is "nifti" (image is a file) or "dicom" (image is a series folder)."""
+
+    case_id: str
+    image: Path
+    label: Path | None
+    kind: str
+
+
+def _nifti_case_id(path: Path) -> str | None:
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _find_label(labels: Path, case_id: str) -> Path | None:
+    for suffix in _NIFTI_SUFFIXES:
+        candidate = labels / f"{case_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def scan_folder(images: str | Path, labels: str | Path | None = None) -> list[VolumeSource]:
+    """List the cases in `images`: NIfTI files (case id = name without .nii/.nii.gz) and/or one
+    subfolder per DICOM series (case id = subfolder name). With `labels`, every case needs
+    `labels/<case_id>.nii.gz` (or .nii). Sorted by case_id. Nothing is read yet.
+    """
+    images = Path(images)
+    if not images.is_dir():
+        raise VolumeError(f"image folder {images} does not exist or is not a folder")
+    if labels is not None:
+        labels = Path(labels)
+        if not labels.is_dir():
+            raise VolumeError(f"label folder {labels} does not exist or is not a folder")
+
+    found: dict[str, tuple[Path, str]] = {}
+    for entry in sorted(images.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if not any(p.is_file() for p in entry.rglob("*")):
+                continue
+            case_id, kind = entry.name, "dicom"
+        elif (case_id := _nifti_case_id(entry)) is not None:
+            kind = "nifti"
+        else:
+            continue
+        if case_id in found:
+            raise VolumeError(f"case {case_id!r} appears twice in {images}: {found[case_id][0].name} and {entry.name}")
+        found[case_id] = (entry, kind)
+    if not found:
+        raise VolumeError(f"image folder {images} holds no NIfTI files and no DICOM series subfolders")
+
+    sources = []
+    for case_id in sorted(found):
+        image, kind = found[case_id]
+        label = None
+        if labels is not None:
+            label = _find_label(labels, case_id)
+            if label is None:
+                raise VolumeError(f"case {case_id!r} has no label map {case_id}.nii.gz in {labels}")
+        sources.append(VolumeSource(case_id=case_id, image=image, label=label, kind=kind))
+    return sources
+
+
+def _as_3d(array: np.ndarray, what: str) -> np.ndarray:
+    # NIfTI writers often add trailing singleton time/channel axes.
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(f"{what} must be 3-D, got shape {array.shape}")
+    return array
+
+
+def _as_label(array: np.ndarray, case_id: str) -> np.ndarray:
+    if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+        raise VolumeError(f"case {case_id!r}: label map holds non-integer values")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise VolumeError(f"case {case_id!r}: label values {array.min()}..{array.max()} are outside 0..255")
+    return array.astype(np.uint8)
+
+
+def load_volume(source: VolumeSource) -> Volume:
+    """Read a case's image (float32 X, Y, Z) and label (uint8, same shape and affine, or None)."""
+    if source.kind == "nifti":
+        array, affine = read_nifti(source.image)
+        image = _as_3d(array, f"case {source.case_id!r} image {source.image}").astype(np.float32)
+    elif source.kind == "dicom":
+        volume = read_dicom_series(source.image)
+        image, affine = volume.image, volume.affine
+    else:
+        raise VolumeError(f"case {source.case_id!r}: unknown kind {source.kind!r} (expected 'nifti' or 'dicom')")
+
+    label = None
+    if source.label is not None:
+        label_array, label_affine = read_nifti(source.label)
+        label_array = _as_3d(label_array, f"case {source.case_id!r} label {source.label}")
+        if label_array.shape != image.shape:
+            raise VolumeError(
+                f"case {source.case_id!r}: label shape {label_array.shape} does not match image shape {image.shape}"
+            )
+        if not np.allclose(label_affine, affine, atol=_AFFINE_ATOL):
+            raise VolumeError(
+                f"case {source.case_id!r}: label affine does not match the image's (atol {_AFFINE_ATOL} mm)\n"
+                f"image affine:\n{np.array2string(affine, precision=4)}\n"
+                f"label affine:\n{np.array2string(label_affine, precision=4)}"
+            )
+        label = _as_label(label_array, source.case_id)
+    return Volume(image=image, affine=affine, label=label)

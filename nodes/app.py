@@ -1,0 +1,83 @@
+"""HTTPS routes of a data node: thin adapters over :class:`~voxgrid.nodes.service.NodeService`."""
+
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+
+import voxgrid
+from voxgrid.wire import (API_PREFIX, AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, NodeInfo, Problem,
+                          TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+
+from .http import bearer, install_problem_handlers, read_body
+from .service import Caller, NodeService
+
+OCTETS = "application/octet-stream"
+ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 422)}
+
+
+def create_app(service: NodeService) -> FastAPI:
+    app = FastAPI(title=f"voxgrid data node {service.config.name}", version=voxgrid.__version__, responses=ERRORS)
+    install_problem_handlers(app)
+
+    def caller(request: Request) -> Caller:
+        return service.authenticate(bearer(request))
+
+    Who = Annotated[Caller, Depends(caller)]
+    p = API_PREFIX
+
+    @app.get(f"{p}/health", response_model=Health)
+    def health(c: Who):
+        return service.health(c)
+
+    @app.get(f"{p}/whoami", response_model=WhoAmI)
+    def whoami(c: Who):
+        return service.whoami(c)
+
+    @app.get(f"{p}/info", response_model=NodeInfo)
+    def info(c: Who):
+        service.require(c, "owner", "scientist")
+        return service.info(c)
+
+    @app.get(f"{p}/datasets", response_model=list[DatasetInfo])
+    def datasets(c: Who):
+        return service.datasets(c)
+
+    @app.get(f"{p}/datasets/{{name}}", response_model=DatasetInfo)
+    def dataset(name: str, c: Who):
+        return service.dataset(c, name)
+
+    @app.get(f"{p}/datasets/{{name}}/data", responses={403: {"model": Problem}})
+    def dataset_data(name: str, c: Who):
+        service.dataset_data(c, name)
+
+    @app.put(f"{p}/weights", response_model=WeightsRef)
+    async def put_weights(request: Request, c: Who):
+        service.require(c, "scientist", "owner")
+        data = await read_body(request)
+        return service.put_weights(c, data)
+
+    @app.post(f"{p}/jobs", response_model=JobStatus)
+    def submit(req: JobRequest, c: Who):
+        return service.submit(c, req)
+
+    @app.get(f"{p}/jobs/{{job_id}}", response_model=JobStatus)
+    def job_status(job_id: str, c: Who, wait: Annotated[float, Query(ge=0, le=60)] = 0.0):
+        return service.job_status(c, job_id, wait)
+
+    @app.get(f"{p}/jobs/{{job_id}}/update", response_class=Response)
+    def job_update(job_id: str, c: Who):
+        return Response(service.job_update(c, job_id), media_type=OCTETS)
+
+    @app.post(f"{p}/owner/tokens", response_model=TokenIssued)
+    def issue_token(req: TokenIssue, c: Who):
+        return service.issue_token(c, req)
+
+    @app.get(f"{p}/owner/audit", response_model=list[AuditEntry])
+    def audit(c: Who, limit: Annotated[int, Query(ge=1, le=10000)] = 200):
+        return service.audit_log(c, limit)
+
+    @app.get(f"{p}/owner/jobs", response_model=list[JobStatus])
+    def jobs(c: Who):
+        return service.jobs(c)
+
+    return app

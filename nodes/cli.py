@@ -1,0 +1,199 @@
+"""``voxgrid node ...``, ``voxgrid grid ...`` and ``voxgrid demo``: commands a site's IT person can script."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from . import admin
+from .home import Home
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers like 0.6,0.2,0.2, got {text!r}") from None
+
+
+def _logging(args) -> None:
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _home_arg(p, kind: str) -> None:
+    p.add_argument("--home", required=True, type=Path, help=f"the {kind}'s home folder")
+
+
+def _init(kind: str):
+    def run(args):
+        admin.init_home(kind, args.home, args.name, ca_cert=args.ca, cert=args.cert, key=args.key,
+                                host=args.host, port=args.port, public_url=args.public_url,
+                                **({"device": args.device, "threads": args.threads} if kind == "node" else {}))
+        if kind == "node" and args.grid:
+            admin.set_grid(args.home, args.grid, args.grid_token_file)
+        print(f"{kind} home created at {args.home.resolve()}; owner token in {Home(args.home, kind).owner_token_file}")
+    return run
+
+
+def _add_init(sub, kind: str) -> None:
+    p = sub.add_parser("init", help=f"create a {kind} home (config, TLS material, SQLite store, owner token)")
+    _home_arg(p, kind)
+    p.add_argument("--name", required=True)
+    p.add_argument("--ca", required=True, type=Path, help="federation CA certificate (PEM)")
+    p.add_argument("--cert", required=True, type=Path, help="this server's certificate (PEM)")
+    p.add_argument("--key", required=True, type=Path, help="this server's private key (PEM)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--public-url", help="URL others reach this server at (default https://HOST:PORT)")
+    if kind == "node":
+        p.add_argument("--grid", help="grid URL to register with")
+        p.add_argument("--grid-token-file", type=Path, help="file holding this node's grid token")
+        p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the executor (0: torch's default)")
+    p.set_defaults(func=_init(kind))
+
+
+def _token(kind: str):
+    def run(args):
+        token = admin.issue_token(args.home, kind, args.name, args.role, args.token_file)
+        if args.token_file:
+            print(f"{args.role} token for {args.name} authorised (file {args.token_file})")
+        else:
+            print(token)
+    return run
+
+
+def _add_token(sub, kind: str, default_role: str) -> None:
+    tok = sub.add_parser("token", help="issue access tokens").add_subparsers(dest="token_cmd", required=True)
+    p = tok.add_parser("issue", help="issue a token (printed, or written to --token-file)")
+    _home_arg(p, kind)
+    p.add_argument("--name", required=True, help="who holds the token (a scientist, or a node at the grid)")
+    p.add_argument("--role", default=default_role)
+    p.add_argument("--token-file", type=Path,
+                   help="write the token here; if the file exists, authorise the token it holds instead")
+    p.set_defaults(func=_token(kind))
+
+
+def _dataset_add(args) -> None:
+    summary = admin.add_dataset(args.home, args.name, args.images, args.labels, tags=args.tags.split(","),
+                                label_names=args.label_names, splits=_floats(args.splits),
+                                description=args.description, modality=args.modality, replace=args.replace,
+                                seed=args.seed)
+    print(json.dumps(summary))
+
+
+def _dataset_list(args) -> None:
+    from .store import NodeStore
+
+    home = Home(args.home, "node")
+    home.load()
+    store = NodeStore(home.db_file)
+    try:
+        for ds in store.datasets():
+            print(ds.info().model_dump_json())
+    finally:
+        store.close()
+
+
+def _start_node(args) -> None:
+    from .server import serve_node
+
+    _logging(args)
+    serve_node(Home(args.home, "node"), args.host, args.port)
+
+
+def _start_grid(args) -> None:
+    from .server import serve_grid
+
+    _logging(args)
+    serve_grid(Home(args.home, "grid"), args.host, args.port)
+
+
+def _register(args) -> None:
+    from .server import register_with_grid
+    from .service import NodeService
+
+    if args.grid:
+        admin.set_grid(args.home, args.grid, args.grid_token_file)
+    service = NodeService(Home(args.home, "node"), start_executor=False)
+    try:
+        run = json.loads(service.home.run_file.read_text()) if service.home.run_file.exists() else None
+        if run:
+            service.config.public_url = service.config.public_url or run["url"]
+        if not register_with_grid(service, attempts=3):
+            raise ConnectionError(f"could not register with grid {service.config.grid_url}")
+        print(f"registered {service.config.name} with {service.config.grid_url}")
+    finally:
+        service.close()
+
+
+def _status(kind: str):
+    def run(args):
+        from voxgrid.client import NodeClient
+
+        home = Home(args.home, kind)
+        home.load()
+        if not home.run_file.exists():
+            raise ConnectionError(f"{kind} at {home.path} is not running (no run.json)")
+        url = json.loads(home.run_file.read_text())["url"]
+        with NodeClient(url, home.owner_token_file.read_text().strip(), home.tls / "ca.crt", timeout=10) as c:
+            print(json.dumps({"url": url, **c.health().model_dump()}))
+    return run
+
+
+def register(sub) -> None:
+    """Entry point: add node, grid and demo commands to the ``voxgrid`` parser."""
+    node = sub.add_parser("node", help="run and administer a site's data node").add_subparsers(dest="node_cmd",
+                                                                                               required=True)
+    _add_init(node, "node")
+    ds = node.add_parser("dataset", help="datasets of the node").add_subparsers(dest="ds_cmd", required=True)
+    p = ds.add_parser("add", help="register a folder of NIfTI images (+labels) or DICOM series as a dataset")
+    _home_arg(p, "node")
+    p.add_argument("--name", required=True)
+    p.add_argument("--images", required=True, type=Path, help="NIfTI files, or one subfolder per DICOM series")
+    p.add_argument("--labels", type=Path, help="NIfTI label maps named like the images (<case>.nii.gz)")
+    p.add_argument("--tags", required=True, help="comma-separated, e.g. ct,pancreas")
+    p.add_argument("--label-names", required=True, help="label values, e.g. 1=pancreas,2=tumor")
+    p.add_argument("--splits", default="0.6,0.2,0.2", help="train,val,test fractions")
+    p.add_argument("--description", default="")
+    p.add_argument("--modality", default="CT")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
+    p.add_argument("--replace", action="store_true", help="rebuild an existing dataset of that name")
+    p.set_defaults(func=_dataset_add)
+    p = ds.add_parser("list", help="published metadata of each dataset")
+    _home_arg(p, "node")
+    p.set_defaults(func=_dataset_list)
+    _add_token(node, "node", "scientist")
+    p = node.add_parser("start", help="serve the node over HTTPS (foreground)")
+    _home_arg(p, "node")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_start_node)
+    p = node.add_parser("register", help="register the node's published metadata with its grid")
+    _home_arg(p, "node")
+    p.add_argument("--grid")
+    p.add_argument("--grid-token-file", type=Path)
+    p.set_defaults(func=_register)
+    p = node.add_parser("status", help="health of the running node")
+    _home_arg(p, "node")
+    p.set_defaults(func=_status("node"))
+
+    grid = sub.add_parser("grid", help="run the grid directory").add_subparsers(dest="grid_cmd", required=True)
+    _add_init(grid, "grid")
+    _add_token(grid, "grid", "scientist")
+    p = grid.add_parser("start", help="serve the grid over HTTPS (foreground)")
+    _home_arg(p, "grid")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_start_grid)
+    p = grid.add_parser("status", help="health of the running grid")
+    _home_arg(p, "grid")
+    p.set_defaults(func=_status("grid"))
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)

@@ -1,0 +1,104 @@
+"""The grid: a directory of nodes. Nodes register their published metadata; scientists search by tag."""
+
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+
+import voxgrid
+from voxgrid.wire import API_PREFIX, Health, NodeInfo, NodeRegistration, SearchResponse, SearchResult, WhoAmI, \
+    normalise_tag
+
+from .db import Database, now
+from .home import Home
+from .http import bearer, install_problem_handlers
+from .service import Caller, Forbidden, Invalid, NodeService, Unauthorized
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    registered_at TEXT NOT NULL
+);
+"""
+
+
+class GridService:
+    def __init__(self, home: Home):
+        self.home = home
+        self.config = home.load()
+        self.db = Database(Path(home.db_file), SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def authenticate(self, token: str | None) -> Caller:
+        if not token:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        found = self.db.check_token(token)
+        if not found:
+            raise Unauthorized("unknown or revoked token")
+        return Caller(*found)
+
+    require = staticmethod(NodeService.require)
+
+    def register(self, caller: Caller, reg: NodeRegistration) -> NodeInfo:
+        """A node (re)registers; its grid token's name must be the node's name, so none can pose as another."""
+        self.require(caller, "node")
+        if reg.info.name != caller.name:
+            raise Forbidden(f"token for node {caller.name!r} cannot register node {reg.info.name!r}")
+        if not reg.info.url.startswith("https://"):
+            raise Invalid(f"node URL must be https://, got {reg.info.url!r}")
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (reg.info.name, reg.info.model_dump_json(), now()))
+        self.db.audit(caller.name, "node.register", f"{reg.info.url}, {len(reg.info.datasets)} datasets")
+        return reg.info
+
+    def nodes(self, caller: Caller) -> list[NodeInfo]:
+        self.require(caller, "scientist", "owner")
+        return [NodeInfo.model_validate_json(r["info"]) for r in self.db.query("SELECT info FROM nodes ORDER BY name")]
+
+    def search(self, caller: Caller, tags: list[str]) -> SearchResponse:
+        """Datasets carrying every one of ``tags`` (all datasets when none are given)."""
+        self.require(caller, "scientist", "owner")
+        try:
+            wanted = {normalise_tag(t) for t in tags}
+        except ValueError as exc:
+            raise Invalid(str(exc)) from exc
+        results = [SearchResult(node=n.name, url=n.url, dataset=d)
+                   for n in self.nodes(caller) for d in n.datasets if wanted <= set(d.tags)]
+        return SearchResponse(results=results)
+
+
+def create_grid_app(service: GridService) -> FastAPI:
+    app = FastAPI(title=f"voxgrid grid {service.config.name}", version=voxgrid.__version__)
+    install_problem_handlers(app)
+
+    def caller(request: Request) -> Caller:
+        return service.authenticate(bearer(request))
+
+    Who = Annotated[Caller, Depends(caller)]
+    p = API_PREFIX
+
+    @app.get(f"{p}/health", response_model=Health)
+    def health(c: Who):
+        return Health(name=service.config.name, version=voxgrid.__version__)
+
+    @app.get(f"{p}/whoami", response_model=WhoAmI)
+    def whoami(c: Who):
+        return WhoAmI(name=c.name, role=c.role)
+
+    @app.post(f"{p}/nodes", response_model=NodeInfo)
+    def register(reg: NodeRegistration, c: Who):
+        return service.register(c, reg)
+
+    @app.get(f"{p}/nodes", response_model=list[NodeInfo])
+    def nodes(c: Who):
+        return service.nodes(c)
+
+    @app.get(f"{p}/search", response_model=SearchResponse)
+    def search(c: Who, tag: Annotated[list[str], Query()] = []):
+        return service.search(c, tag)
+
+    return app

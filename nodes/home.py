@@ -1,0 +1,126 @@
+"""A server's home folder: configuration, TLS material, SQLite store, blobs.
+
+Layout (node)::
+
+    HOME/node.json        name, listen address, public URL, grid URL
+    HOME/node.db          registry, jobs, tokens, audit log (SQLite)
+    HOME/owner.token      the owner's token (mode 0600)
+    HOME/tls/             server.crt, server.key, ca.crt
+    HOME/blobs/           global weights received (safetensors, content-addressed)
+    HOME/updates/         updates computed by jobs (safetensors, one per job)
+    HOME/cache/           volumes converted from DICOM
+    HOME/run.json         written when the server listens: URL and process id
+
+A grid's home is the same minus blobs/updates/cache, with ``grid.json`` and ``grid.db``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from voxgrid.wire import NAME_RE
+
+
+class HomeError(ValueError):
+    """A home folder that is missing, incomplete or malformed."""
+
+
+@dataclass
+class ServerConfig:
+    name: str
+    kind: str  # "node" | "grid"
+    host: str = "127.0.0.1"
+    port: int = 8443
+    public_url: str | None = None
+    grid_url: str | None = None
+    grid_token_file: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Home:
+    def __init__(self, path: Path | str, kind: str = "node"):
+        self.path = Path(path).expanduser().resolve()
+        self.kind = kind
+
+    # paths -------------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / f"{self.kind}.json"
+
+    @property
+    def db_file(self) -> Path:
+        return self.path / f"{self.kind}.db"
+
+    @property
+    def owner_token_file(self) -> Path:
+        return self.path / "owner.token"
+
+    @property
+    def tls(self) -> Path:
+        return self.path / "tls"
+
+    @property
+    def blobs(self) -> Path:
+        return self.path / "blobs"
+
+    @property
+    def updates(self) -> Path:
+        return self.path / "updates"
+
+    @property
+    def cache(self) -> Path:
+        return self.path / "cache"
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_file.is_file()
+
+    def create(self, name: str, *, ca_cert: Path, cert: Path, key: Path, **config) -> ServerConfig:
+        """Create the folder; copies the TLS material in. Refuses to overwrite an existing home."""
+        if not NAME_RE.match(name):
+            raise HomeError(f"invalid {self.kind} name {name!r}: use letters, digits, '.', '_' or '-'")
+        if self.exists():
+            raise HomeError(f"{self.config_file} already exists: refusing to overwrite an existing {self.kind} home")
+        for src in (ca_cert, cert, key):
+            if not Path(src).is_file():
+                raise HomeError(f"TLS file not found: {src}")
+        for d in (self.path, self.tls, self.blobs, self.updates, self.cache):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        shutil.copyfile(ca_cert, self.tls / "ca.crt")
+        shutil.copyfile(cert, self.tls / "server.crt")
+        shutil.copyfile(key, self.tls / "server.key")
+        os.chmod(self.tls / "server.key", 0o600)
+        cfg = ServerConfig(name=name, kind=self.kind, **config)
+        self.save(cfg)
+        return cfg
+
+    def load(self) -> ServerConfig:
+        if not self.exists():
+            raise HomeError(f"no {self.kind} home at {self.path} (missing {self.config_file.name}); "
+                            f"create one with 'voxgrid {self.kind} init'")
+        try:
+            return ServerConfig(**json.loads(self.config_file.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise HomeError(f"{self.config_file} is malformed: {exc}") from exc
+
+    def save(self, cfg: ServerConfig) -> None:
+        tmp = self.config_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(cfg), indent=2))
+        os.replace(tmp, self.config_file)
+
+    def write_secret(self, path: Path, text: str) -> Path:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        return path

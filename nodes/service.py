@@ -1,0 +1,264 @@
+"""The data node's service layer: typed messages in, typed messages out.
+
+Transports (the HTTPS routes today, an outbound long-poll transport later) are thin adapters
+over :class:`NodeService`; they authenticate the caller, then call one method here. Errors are
+:class:`ServiceError` subclasses carrying an HTTP-like status and a message for the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+import voxgrid
+from voxgrid import tensors
+from voxgrid.plan import Plan, PlanError
+from voxgrid.wire import (AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, Metrics, NodeInfo, TokenIssue,
+                          TokenIssued, WeightsRef, WhoAmI)
+
+from .executor import Executor
+from .home import Home
+from .store import NodeStore
+
+log = logging.getLogger("voxgrid.node")
+
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,]+)+")
+
+
+def redact(text: str) -> str:
+    """Strip file paths from a message before it leaves the node (invariant 1)."""
+    return _PATH_RE.sub("<path>", text)
+
+
+class ServiceError(Exception):
+    status = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Unauthorized(ServiceError):
+    status, title = 401, "Unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, title = 403, "Forbidden"
+
+
+class NotFound(ServiceError):
+    status, title = 404, "Not found"
+
+
+class Invalid(ServiceError):
+    status, title = 422, "Invalid request"
+
+
+class TooLarge(ServiceError):
+    status, title = 413, "Request too large"
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str
+
+
+DATA_REFUSED = ("voxgrid data nodes never release voxels, label maps, file paths or DICOM headers: "
+                "dataset {name!r} is available only through jobs that run at the node "
+                "(build a Plan and an Experiment). Only its published metadata can be read.")
+
+
+class NodeService:
+    def __init__(self, home: Home, *, start_executor: bool = True):
+        self.home = home
+        self.config = home.load()
+        self.store = NodeStore(home.db_file)
+        self._cond = threading.Condition()
+        self.executor: Executor | None = None
+        if start_executor:
+            self.executor = Executor(home.path, self._on_event, device=self.config.device, threads=self.config.threads)
+            self._recover()
+
+    def close(self) -> None:
+        if self.executor:
+            self.executor.close()
+        self.store.close()
+
+    # auth --------------------------------------------------------------------------------------
+    def authenticate(self, token: str | None) -> Caller:
+        if not token:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        found = self.store.check_token(token)
+        if not found:
+            raise Unauthorized("unknown or revoked token")
+        return Caller(*found)
+
+    @staticmethod
+    def require(caller: Caller, *roles: str) -> None:
+        if caller.role not in roles:
+            raise Forbidden(f"role '{caller.role}' may not do this; it needs one of: {', '.join(roles)}")
+
+    # public metadata ---------------------------------------------------------------------------
+    def health(self, caller: Caller) -> Health:
+        return Health(name=self.config.name, version=voxgrid.__version__)
+
+    def whoami(self, caller: Caller) -> WhoAmI:
+        return WhoAmI(name=caller.name, role=caller.role)
+
+    def info(self, caller: Caller | None = None) -> NodeInfo:
+        device = self.executor_device()
+        return NodeInfo(name=self.config.name, url=self.public_url(), version=voxgrid.__version__,
+                        device=device, datasets=[d.info() for d in self.store.datasets()])
+
+    def public_url(self) -> str:
+        return self.config.public_url or f"https://{self.config.host}:{self.config.port}"
+
+    def executor_device(self) -> str:
+        if self.config.device != "auto":
+            return self.config.device.split(":")[0]
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def datasets(self, caller: Caller) -> list[DatasetInfo]:
+        self.require(caller, "owner", "scientist")
+        return [d.info() for d in self.store.datasets()]
+
+    def dataset(self, caller: Caller, name: str) -> DatasetInfo:
+        self.require(caller, "owner", "scientist")
+        return self._dataset(name).info()
+
+    def dataset_data(self, caller: Caller, name: str) -> None:
+        """Any request for voxels is refused, for every role, and audited."""
+        self.require(caller, "owner", "scientist")
+        self._dataset(name)
+        self.store.audit(caller.name, "data.refused", f"request for the data of dataset {name}")
+        raise Forbidden(DATA_REFUSED.format(name=name))
+
+    def _dataset(self, name: str):
+        ds = self.store.dataset(name)
+        if ds is None:
+            known = ", ".join(d.name for d in self.store.datasets()) or "none"
+            raise NotFound(f"no dataset named {name!r} at node {self.config.name!r} (datasets here: {known})")
+        return ds
+
+    # jobs --------------------------------------------------------------------------------------
+    def put_weights(self, caller: Caller, data: bytes) -> WeightsRef:
+        self.require(caller, "scientist", "owner")
+        try:
+            state = tensors.loads(data)
+        except tensors.TensorsError as exc:
+            raise Invalid(str(exc)) from exc
+        if not state:
+            raise Invalid("the weights blob holds no tensors")
+        weights_id = hashlib.sha256(data).hexdigest()
+        path = self.home.blobs / f"{weights_id}.safetensors"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return WeightsRef(weights_id=weights_id, bytes=len(data))
+
+    def submit(self, caller: Caller, req: JobRequest) -> JobStatus:
+        self.require(caller, "scientist", "owner")
+        ds = self._dataset(req.dataset)
+        try:
+            plan = Plan.model_validate(req.plan)
+        except (ValidationError, PlanError, ValueError) as exc:
+            self.store.audit(caller.name, "job.refused", f"plan refused: {exc}")
+            raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
+        if plan.content_hash != req.plan_hash:
+            raise Invalid(f"plan hash mismatch: request says {req.plan_hash}, plan hashes to {plan.content_hash}")
+        if not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
+            raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
+        split = "train" if req.kind == "train" else req.split
+        if not any(v.split == split for v in ds.volumes):
+            raise Invalid(f"dataset {req.dataset!r} has no volumes in its {split!r} split")
+        existing = self.store.find_job(caller.name, req)
+        if existing:
+            return existing.status(self._has_update(existing.job_id))
+        job = self.store.add_job(caller.name, req)
+        self.store.audit(caller.name, "job.submit",
+                         f"{req.kind} job {job.job_id} on {req.dataset}, experiment {req.experiment_id} "
+                         f"round {req.round}, plan {plan.content_hash}")
+        self._dispatch(job.job_id, req)
+        return job.status(False)
+
+    def _dispatch(self, job_id: str, req: JobRequest) -> None:
+        ds = self.store.dataset(req.dataset)
+        vols = [v.__dict__ for v in ds.volumes]
+        fingerprint = hashlib.sha256(repr(sorted((v["case_id"], v["image"], v["split"]) for v in vols)).encode())
+        if self.executor is None:
+            raise ServiceError("this node has no executor")
+        self.executor.submit({"job_id": job_id, "request": req.model_dump(mode="json"),
+                              "dataset": {"label_names": {str(k): v for k, v in ds.label_names.items()},
+                                          "volumes": vols, "fingerprint": fingerprint.hexdigest()}})
+
+    def _recover(self) -> None:
+        """After a restart, queue again the jobs that were queued or running when the node stopped."""
+        for job in reversed(self.store.jobs(states=("queued", "running"))):
+            log.info("recovering job %s", job.job_id)
+            self.store.set_job(job.job_id, "queued")
+            self._dispatch(job.job_id, job.request)
+
+    def _on_event(self, msg: dict) -> None:
+        job_id, event = msg["job_id"], msg["event"]
+        if event == "started":
+            self.store.set_job(job_id, "running")
+        elif event == "done":
+            self.store.set_job(job_id, "done", metrics=Metrics.model_validate(msg["metrics"]))
+            self.store.audit("executor", "job.done", job_id)
+        elif event == "failed":
+            self.store.set_job(job_id, "failed", error=redact(msg.get("error", "unknown error")))
+            self.store.audit("executor", "job.failed", job_id)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _own_job(self, caller: Caller, job_id: str):
+        job = self.store.job(job_id)
+        if job is None or (caller.role != "owner" and job.scientist != caller.name):
+            raise NotFound(f"no job {job_id!r} for {caller.name!r} at node {self.config.name!r}")
+        return job
+
+    def _has_update(self, job_id: str) -> bool:
+        return (self.home.updates / f"{job_id}.safetensors").is_file()
+
+    def job_status(self, caller: Caller, job_id: str, wait: float = 0.0) -> JobStatus:
+        """The job's status; with ``wait`` > 0, block up to that many seconds for it to finish."""
+        self.require(caller, "scientist", "owner")
+        job = self._own_job(caller, job_id)
+        if wait > 0 and job.state in ("queued", "running"):
+            with self._cond:
+                self._cond.wait_for(lambda: self.store.job(job_id).state in ("done", "failed"), timeout=min(wait, 60))
+            job = self.store.job(job_id)
+        return job.status(self._has_update(job_id))
+
+    def job_update(self, caller: Caller, job_id: str) -> bytes:
+        self.require(caller, "scientist", "owner")
+        job = self._own_job(caller, job_id)
+        if job.state != "done" or not self._has_update(job_id):
+            raise NotFound(f"job {job_id} has no update (state: {job.state})")
+        self.store.audit(caller.name, "update.release", f"job {job_id} on {job.request.dataset}")
+        return (self.home.updates / f"{job_id}.safetensors").read_bytes()
+
+    # owner -------------------------------------------------------------------------------------
+    def issue_token(self, caller: Caller, req: TokenIssue) -> TokenIssued:
+        self.require(caller, "owner")
+        return TokenIssued(name=req.name, role=req.role, token=self.store.add_token(req.name, req.role))
+
+    def audit_log(self, caller: Caller, limit: int = 200) -> list[AuditEntry]:
+        self.require(caller, "owner")
+        return [AuditEntry(**e) for e in self.store.audit_log(limit)]
+
+    def jobs(self, caller: Caller) -> list[JobStatus]:
+        self.require(caller, "owner")
+        return [j.status(self._has_update(j.job_id)) for j in self.store.jobs()]

@@ -1,0 +1,161 @@
+"""The node's durable state: dataset registry, volumes (private paths), jobs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from voxgrid.wire import DatasetInfo, JobRequest, JobStatus, Metrics
+
+from .db import Database, now
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    name TEXT PRIMARY KEY,
+    description TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    label_names TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    dataset TEXT NOT NULL REFERENCES datasets(name),
+    case_id TEXT NOT NULL,
+    image TEXT NOT NULL,
+    label TEXT,
+    kind TEXT NOT NULL,
+    split TEXT NOT NULL,
+    PRIMARY KEY (dataset, case_id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    scientist TEXT NOT NULL,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    metrics TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    case_id: str
+    image: str
+    label: str | None
+    kind: str
+    split: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    name: str
+    description: str
+    tags: list[str]
+    modality: str
+    label_names: dict[int, str]  # label value at this site -> class name
+    volumes: list[VolumeRecord]
+
+    def info(self) -> DatasetInfo:
+        """The published metadata (invariant 1: no paths, no case ids, no headers)."""
+        splits = {s: sum(v.split == s for v in self.volumes) for s in ("train", "val", "test")}
+        return DatasetInfo(
+            name=self.name, description=self.description, tags=self.tags, modality=self.modality,
+            volumes=len(self.volumes),
+            label_names=["background"] + [self.label_names[k] for k in sorted(self.label_names)],
+            splits=splits,
+        )
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    scientist: str
+    request: JobRequest
+    state: str
+    error: str | None
+    metrics: Metrics | None
+
+    def status(self, has_update: bool) -> JobStatus:
+        r = self.request
+        return JobStatus(job_id=self.job_id, kind=r.kind, experiment_id=r.experiment_id, round=r.round,
+                         dataset=r.dataset, state=self.state, error=self.error, metrics=self.metrics,
+                         has_update=has_update)
+
+
+class NodeStore(Database):
+    def __init__(self, path: Path):
+        super().__init__(path, SCHEMA)
+
+    # registry ----------------------------------------------------------------------------------
+    def add_dataset(self, name: str, *, description: str, tags: list[str], modality: str,
+                    label_names: dict[int, str], volumes: list[VolumeRecord], replace: bool = False) -> None:
+        with self.transaction() as c:
+            exists = c.execute("SELECT 1 FROM datasets WHERE name=?", (name,)).fetchone()
+            if exists and not replace:
+                raise ValueError(f"dataset {name!r} already exists (use --replace to rebuild it)")
+            c.execute("DELETE FROM volumes WHERE dataset=?", (name,))
+            c.execute("DELETE FROM datasets WHERE name=?", (name,))
+            c.execute("INSERT INTO datasets VALUES (?,?,?,?,?,?)",
+                      (name, description, json.dumps(tags), modality,
+                       json.dumps({str(k): v for k, v in label_names.items()}), now()))
+            c.executemany("INSERT INTO volumes VALUES (?,?,?,?,?,?)",
+                          [(name, v.case_id, v.image, v.label, v.kind, v.split) for v in volumes])
+        self.audit("owner", "dataset.add", f"{name}: {len(volumes)} volumes, tags {tags}")
+
+    def remove_dataset(self, name: str) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM volumes WHERE dataset=?", (name,))
+            if c.execute("DELETE FROM datasets WHERE name=?", (name,)).rowcount == 0:
+                raise KeyError(name)
+        self.audit("owner", "dataset.remove", name)
+
+    def dataset(self, name: str) -> DatasetRecord | None:
+        rows = self.query("SELECT * FROM datasets WHERE name=?", (name,))
+        if not rows:
+            return None
+        r = rows[0]
+        vols = [VolumeRecord(v["case_id"], v["image"], v["label"], v["kind"], v["split"]) for v in self.query(
+            "SELECT * FROM volumes WHERE dataset=? ORDER BY case_id", (name,))]
+        return DatasetRecord(r["name"], r["description"], json.loads(r["tags"]), r["modality"],
+                             {int(k): v for k, v in json.loads(r["label_names"]).items()}, vols)
+
+    def datasets(self) -> list[DatasetRecord]:
+        return [self.dataset(r["name"]) for r in self.query("SELECT name FROM datasets ORDER BY name")]
+
+    # jobs --------------------------------------------------------------------------------------
+    def add_job(self, scientist: str, request: JobRequest) -> JobRecord:
+        job_id = uuid.uuid4().hex
+        with self.transaction() as c:
+            c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?)",
+                      (job_id, scientist, request.model_dump_json(), "queued", None, None, now(), now()))
+        return JobRecord(job_id, scientist, request, "queued", None, None)
+
+    def find_job(self, scientist: str, request: JobRequest) -> JobRecord | None:
+        """An earlier, not failed job with the identical request (makes resubmission idempotent)."""
+        for r in self.query("SELECT * FROM jobs WHERE scientist=? AND request=? AND state!='failed'",
+                            (scientist, request.model_dump_json())):
+            return self._job(r)
+        return None
+
+    def set_job(self, job_id: str, state: str, *, error: str | None = None, metrics: Metrics | None = None) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE jobs SET state=?, error=?, metrics=?, updated_at=? WHERE job_id=?",
+                      (state, error, metrics.model_dump_json() if metrics else None, now(), job_id))
+
+    def job(self, job_id: str) -> JobRecord | None:
+        rows = self.query("SELECT * FROM jobs WHERE job_id=?", (job_id,))
+        return self._job(rows[0]) if rows else None
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 500) -> list[JobRecord]:
+        rows = self.query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [j for j in map(self._job, rows) if states is None or j.state in states]
+
+    @staticmethod
+    def _job(r) -> JobRecord:
+        return JobRecord(r["job_id"], r["scientist"], JobRequest.model_validate_json(r["request"]), r["state"],
+                         r["error"], Metrics.model_validate_json(r["metrics"]) if r["metrics"] else None)

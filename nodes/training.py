@@ -1,0 +1,173 @@
+"""Local training and evaluation of a plan on one dataset, with MONAI and torch.
+
+Runs inside the executor process. Volumes are loaded and preprocessed once per
+(dataset, preprocessing) and kept in memory between rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+
+from voxgrid.datasets import VolumeSource, load_volume
+from voxgrid.plan import Plan, build_loss, build_network, build_optimizer, build_transforms
+from voxgrid.tensors import StateDict, check_compatible
+from voxgrid.wire import Metrics
+
+
+@dataclass
+class PreparedData:
+    """Preprocessed volumes of one dataset, per split: dicts with image (1,X,Y,Z) float and label (1,X,Y,Z)."""
+
+    splits: dict[str, list[dict]]
+    present: set[int]  # global class indices annotated at this site
+
+
+def label_lut(site_labels: dict[int, str], plan: Plan) -> np.ndarray:
+    """Map the site's label values onto the plan's class indices by name; unknown classes -> background."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for value, name in site_labels.items():
+        if name in plan.labels:
+            lut[value] = plan.labels.index(name)
+    return lut
+
+
+def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan) -> PreparedData:
+    """Load every volume of a dataset and apply the plan's preprocessing (deterministic transforms)."""
+    pre = Compose(build_transforms(plan.preprocessing)) if plan.preprocessing else None
+    lut = label_lut(site_labels, plan)
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for v in volumes:
+        vol = load_volume(VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"]))
+        if vol.label is None:
+            raise ValueError(f"volume {v['case_id']} has no label map; training needs labels")
+        affine = torch.as_tensor(vol.affine, dtype=torch.float64)
+        item = {
+            "image": MetaTensor(torch.as_tensor(vol.image, dtype=torch.float32)[None], affine=affine),
+            "label": MetaTensor(torch.as_tensor(lut[vol.label.astype(np.int64)], dtype=torch.float32)[None], affine=affine),
+        }
+        if pre is not None:
+            item = pre(item)
+        splits[v["split"]].append(item)
+    present = {plan.labels.index(n) for n in site_labels.values() if n in plan.labels}
+    return PreparedData(splits, present)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Trainer:
+    """Keeps networks warm per plan hash; trains and evaluates jobs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._networks: dict[str, torch.nn.Module] = {}
+
+    def network(self, plan: Plan, weights: StateDict) -> torch.nn.Module:
+        net = self._networks.get(plan.content_hash)
+        if net is None:
+            net = build_network(plan).to(self.device)
+            self._networks = {plan.content_hash: net}  # keep one: memory matters more than a rebuild
+        check_compatible(net.state_dict(), weights)
+        net.load_state_dict(weights)
+        return net
+
+    def train(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int) -> tuple[float, int]:
+        """Local epochs of patch training; returns (mean loss, optimiser steps)."""
+        if not data:
+            raise ValueError("the dataset's train split is empty")
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        keys = ["image", "label"]
+        crop = Compose([
+            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
+            # Foreground/background balanced patches, as in the multi-site pancreas studies.
+            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=plan.patch_size,
+                                   pos=plan.pos_neg[0], neg=plan.pos_neg[1],
+                                   num_samples=plan.samples_per_volume, allow_smaller=False),
+            *build_transforms(plan.augmentation),
+        ])
+        crop.set_random_state(seed=seed)
+        loss_fn = build_loss(plan)
+        opt = build_optimizer(plan, net.parameters())
+        amp = plan.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        net.train()
+        losses, steps = [], 0
+        for _ in range(plan.local_epochs):
+            samples = [s for item in data for s in crop(item)]
+            rng.shuffle(samples)
+            batches = [samples[i:i + plan.batch_size] for i in range(0, len(samples), plan.batch_size)]
+            n_steps = plan.steps_per_epoch or len(batches)
+            for step in range(n_steps):
+                batch = batches[step % len(batches)]
+                x = torch.stack([s["image"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
+                y = torch.stack([s["label"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=amp):
+                    loss = loss_fn(net(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                steps += 1
+        return float(np.mean(losses)), steps
+
+    @torch.no_grad()
+    def evaluate(self, plan: Plan, net: torch.nn.Module, data: list[dict], present: set[int]) -> dict[str, float | None]:
+        """Sliding-window inference and MONAI Dice per class (None for classes not annotated here)."""
+        net.eval()
+        n_cls = len(plan.labels)
+        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        amp = plan.amp and self.device.type == "cuda"
+        for item in data:
+            x = item["image"].as_tensor()[None].to(self.device)
+            with torch.autocast(self.device.type, enabled=amp):
+                logits = sliding_window_inference(x, roi_size=plan.patch_size, sw_batch_size=plan.sw_batch_size,
+                                                  predictor=net, overlap=plan.sw_overlap, padding_mode="constant")
+            pred = torch.nn.functional.one_hot(logits.float().argmax(1), n_cls).permute(0, 4, 1, 2, 3)
+            gt = torch.nn.functional.one_hot(item["label"].as_tensor()[0].long().to(self.device), n_cls)
+            metric(y_pred=pred, y=gt.permute(3, 0, 1, 2)[None])
+        scores = metric.aggregate().cpu().tolist() if data else [float("nan")] * (n_cls - 1)
+        metric.reset()
+        out: dict[str, float | None] = {}
+        for c in range(1, n_cls):
+            s = scores[c - 1]
+            out[plan.labels[c]] = None if (c not in present or math.isnan(s)) else round(float(s), 6)
+        return out
+
+
+def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights: StateDict, *,
+            split: str, evaluate: bool, seed: int) -> tuple[Metrics, StateDict | None]:
+    """One job: train (+ optional validation) or evaluate. Returns metrics and the weight delta."""
+    t0 = time.perf_counter()
+    net = trainer.network(plan, weights)
+    loss, steps, delta, samples = None, 0, None, len(data.splits["train"])
+    if kind == "train":
+        loss, steps = trainer.train(plan, net, data.splits["train"], seed)
+        trained = net.state_dict()
+        delta = {k: (trained[k].detach().float().cpu() - weights[k].float()) for k in weights}
+        score_split = "val" if evaluate else None
+    else:
+        score_split = split
+        samples = len(data.splits[split])
+    dice = trainer.evaluate(plan, net, data.splits[score_split], data.present) if score_split else {}
+    known = [v for v in dice.values() if v is not None]
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    metrics = Metrics(loss=loss, dice=dice, mean_dice=float(np.mean(known)) if known else None,
+                      samples=samples, steps=steps, compute_s=time.perf_counter() - t0,
+                      device=trainer.device.type)
+    return metrics, delta

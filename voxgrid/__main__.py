@@ -1,0 +1,3 @@
+from voxgrid.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Clients for nodes and the grid. Every call the scientist's side makes to a node goes through
+:class:`NodeClient`, so another transport can replace HTTPS without touching the experiment."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from voxgrid.pki import client_ssl_context
+from voxgrid.wire import (API_PREFIX, AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, NodeInfo,
+                          NodeRegistration, Problem, SearchResponse, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+
+
+class VoxgridError(Exception):
+    """Base class of every error the scientist's side raises."""
+
+
+class RemoteError(VoxgridError):
+    """A node or the grid answered with a problem. ``status`` is the HTTP status."""
+
+    def __init__(self, url: str, status: int, title: str, detail: str):
+        super().__init__(f"{url}: {title} ({status}): {detail}")
+        self.url, self.status, self.title, self.detail = url, status, title, detail
+
+
+class AuthError(RemoteError):
+    """401: missing, unknown or revoked token."""
+
+
+class AccessRefused(RemoteError, PermissionError):
+    """403: the caller's role may not do this, or the data never leaves the node."""
+
+
+class NotFoundError(RemoteError, LookupError):
+    """404: no such dataset or job."""
+
+
+class RequestRefused(RemoteError, ValueError):
+    """413/422: the request (a plan, a job, weights) was refused as invalid."""
+
+
+class Unreachable(VoxgridError, ConnectionError):
+    """The server could not be reached (down, wrong address, TLS failure)."""
+
+
+_ERRORS = {401: AuthError, 403: AccessRefused, 404: NotFoundError, 413: RequestRefused, 422: RequestRefused}
+
+
+def _verify(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext | bool:
+    if isinstance(ca, ssl.SSLContext):
+        return ca
+    if ca is None:
+        return True  # system trust store; a federation normally passes its own CA
+    return client_ssl_context(Path(ca))
+
+
+class _Client:
+    def __init__(self, url: str, token: str, ca=None, timeout: float = 120.0):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url + API_PREFIX, verify=_verify(ca), timeout=timeout,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method: str, path: str, model=None, **kw):
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{self.url}: cannot reach server: {exc}") from exc
+        if r.status_code >= 400:
+            try:
+                p = Problem.model_validate_json(r.content)
+                title, detail = p.title, p.detail
+            except ValueError:
+                title, detail = r.reason_phrase, r.text[:500]
+            raise _ERRORS.get(r.status_code, RemoteError)(self.url, r.status_code, title, detail)
+        if model is None:
+            return r.content
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return model.model_validate_json(r.content)
+        return TypeAdapter(model).validate_json(r.content)
+
+    def health(self) -> Health:
+        return self._call("GET", "/health", Health)
+
+    def whoami(self) -> WhoAmI:
+        return self._call("GET", "/whoami", WhoAmI)
+
+
+class NodeClient(_Client):
+    """The scientist's (and owner's) interface to one data node."""
+
+    def info(self) -> NodeInfo:
+        return self._call("GET", "/info", NodeInfo)
+
+    def datasets(self) -> list[DatasetInfo]:
+        return self._call("GET", "/datasets", list[DatasetInfo])
+
+    def dataset(self, name: str) -> DatasetInfo:
+        return self._call("GET", f"/datasets/{name}", DatasetInfo)
+
+    def request_data(self, name: str) -> bytes:
+        """Ask for a dataset's voxels. Nodes always refuse (raises :class:`AccessRefused`)."""
+        return self._call("GET", f"/datasets/{name}/data")
+
+    def put_weights(self, blob: bytes) -> WeightsRef:
+        return self._call("PUT", "/weights", WeightsRef, content=blob,
+                          headers={"Content-Type": "application/octet-stream"})
+
+    def submit(self, req: JobRequest) -> JobStatus:
+        return self._call("POST", "/jobs", JobStatus, content=req.model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+
+    def job(self, job_id: str, wait: float = 0.0) -> JobStatus:
+        return self._call("GET", f"/jobs/{job_id}", JobStatus, params={"wait": wait},
+                          timeout=httpx.Timeout(self._http.timeout.read + wait) if wait else None)
+
+    def update(self, job_id: str) -> bytes:
+        return self._call("GET", f"/jobs/{job_id}/update")
+
+    # owner
+    def issue_token(self, name: str, role: str = "scientist") -> TokenIssued:
+        return self._call("POST", "/owner/tokens", TokenIssued, content=TokenIssue(name=name, role=role).model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+
+    def audit(self, limit: int = 200) -> list[AuditEntry]:
+        return self._call("GET", "/owner/audit", list[AuditEntry], params={"limit": limit})
+
+    def jobs(self) -> list[JobStatus]:
+        return self._call("GET", "/owner/jobs", list[JobStatus])
+
+
+class GridClient(_Client):
+    """The grid directory: search datasets by tag, list nodes."""
+
+    def search(self, *tags: str) -> SearchResponse:
+        return self._call("GET", "/search", SearchResponse, params=[("tag", t) for t in tags])
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._call("GET", "/nodes", list[NodeInfo])
+
+    def register(self, info: NodeInfo) -> NodeInfo:
+        return self._call("POST", "/nodes", NodeInfo, content=NodeRegistration(info=info).model_dump_json(),
+                          headers={"Content-Type": "application/json"})

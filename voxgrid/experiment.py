@@ -1,0 +1,284 @@
+"""The experiment: the scientist's federated loop over pointers.
+
+Each round: send the global weights and the plan to every selected node, wait for their updates
+(dropping nodes that fail or time out, as long as ``min_nodes`` answered), aggregate with the
+strategy, score the new global model on each site's test split, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from voxgrid import tensors
+from voxgrid.client import VoxgridError
+from voxgrid.plan import Plan, initial_weights
+from voxgrid.pointers import DatasetPointer
+from voxgrid.strategies import ClientUpdate, FedAvg, Strategy
+from voxgrid.tensors import StateDict
+from voxgrid.wire import NAME_RE, JobRequest, JobStatus
+
+
+class RoundFailed(VoxgridError):
+    """Fewer than ``min_nodes`` nodes answered a round; the global model is unchanged."""
+
+
+@dataclass
+class SiteResult:
+    node: str
+    dataset: str
+    ok: bool
+    error: str | None = None
+    samples: int = 0
+    loss: float | None = None
+    val_dice: dict = field(default_factory=dict)
+    test_dice: dict = field(default_factory=dict)
+    compute_s: float = 0.0
+
+    @property
+    def site(self) -> str:
+        return f"{self.dataset}@{self.node}"
+
+
+@dataclass
+class RoundResult:
+    round: int
+    sites: list[SiteResult]
+    wall_s: float
+    compute_s: float  # the slowest node's local compute: the critical path of the round
+    train_wall_s: float
+    eval_wall_s: float = 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        """Everything but local training compute: scheduling, serialisation, transfer, aggregation."""
+        return self.train_wall_s - self.compute_s
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["overhead_s"] = self.overhead_s
+        return d
+
+
+def _timed_out(deadline: float) -> bool:
+    return time.monotonic() > deadline
+
+
+class Experiment:
+    """A federated experiment.
+
+    Args:
+        plan: the training recipe sent to every node.
+        pointers: the datasets to train on (from ``grid.search``), one job per pointer per round.
+        strategy: the aggregation rule (default :class:`~voxgrid.strategies.FedAvg`).
+        rounds: number of rounds :meth:`run` performs.
+        min_nodes: fewest answering nodes for a round to count (default: all).
+        job_timeout: seconds a node has to return its update before it is dropped from the round.
+        evaluate: after each round, score the global model on every site's test split.
+        checkpoint_dir: where a checkpoint per round is written; :meth:`resume` continues from it.
+    """
+
+    def __init__(self, plan: Plan, pointers: list[DatasetPointer], *, strategy: Strategy | None = None,
+                 rounds: int = 3, min_nodes: int | None = None, job_timeout: float = 600.0, evaluate: bool = True,
+                 checkpoint_dir: str | Path | None = None, name: str | None = None, seed: int = 0,
+                 initial: StateDict | None = None):
+        if not pointers:
+            raise ValueError("an experiment needs at least one dataset pointer (grid.search returned none?)")
+        self.plan = plan
+        self.pointers = list(pointers)
+        self.strategy = strategy or FedAvg()
+        self.rounds = rounds
+        self.min_nodes = len(self.pointers) if min_nodes is None else min_nodes
+        if not 1 <= self.min_nodes <= len(self.pointers):
+            raise ValueError(f"min_nodes={min_nodes} must be between 1 and the {len(self.pointers)} pointers")
+        self.job_timeout = job_timeout
+        self.evaluate = evaluate
+        self.seed = seed
+        name = name or "exp"
+        self.experiment_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        if not NAME_RE.match(self.experiment_id):
+            raise ValueError(f"invalid experiment name {name!r}: use letters, digits, '.', '_' or '-'")
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.global_weights: StateDict = initial if initial is not None else initial_weights(plan, seed=seed)
+        self.history: list[RoundResult] = []
+
+    # the loop ----------------------------------------------------------------------------------
+    def run(self, rounds: int | None = None, progress: bool = True, on_round=None) -> list[RoundResult]:
+        """Run rounds until ``rounds`` (default: the experiment's) have completed in total."""
+        target = self.rounds if rounds is None else rounds
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=target, initial=len(self.history), desc=self.experiment_id, unit="round")
+        try:
+            while len(self.history) < target:
+                result = self.run_round()
+                if bar is not None:
+                    bar.update(1)
+                    dice = [s.test_dice for s in result.sites if s.ok]
+                    bar.set_postfix_str(f"mean test Dice {_mean_dice(dice):.3f}" if dice and self.evaluate else "")
+                if on_round:
+                    on_round(self, result)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def run_round(self) -> RoundResult:
+        rnd = len(self.history)
+        t0 = time.perf_counter()
+        blob = tensors.dumps(self.global_weights)
+        with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
+            outcomes = list(pool.map(lambda p: self._train_one(p, rnd, blob), self.pointers))
+        ok = [(p, st, upd) for p, (st, upd, err) in zip(self.pointers, outcomes) if err is None]
+        if len(ok) < self.min_nodes:
+            reasons = "; ".join(f"{p.node}: {err}" for p, (_, _, err) in zip(self.pointers, outcomes) if err)
+            raise RoundFailed(f"round {rnd}: only {len(ok)} of {len(self.pointers)} nodes answered, "
+                              f"min_nodes={self.min_nodes} ({reasons})")
+        updates = [ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
+                                metrics=st.metrics.model_dump()) for p, st, delta in ok]
+        self.global_weights = self.strategy.aggregate(self.global_weights, updates)
+        train_wall = time.perf_counter() - t0
+        sites = []
+        for p, (st, _, err) in zip(self.pointers, outcomes):
+            m = st.metrics if st is not None and st.metrics else None
+            sites.append(SiteResult(node=p.node, dataset=p.name, ok=err is None, error=err,
+                                    samples=m.samples if m else 0, loss=m.loss if m else None,
+                                    val_dice=dict(m.dice) if m else {}, compute_s=m.compute_s if m else 0.0))
+        compute = max((s.compute_s for s in sites if s.ok), default=0.0)
+        t1 = time.perf_counter()
+        if self.evaluate:
+            self._score(rnd, sites)
+        result = RoundResult(round=rnd, sites=sites, wall_s=time.perf_counter() - t0, compute_s=compute,
+                             train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1)
+        self.history.append(result)
+        if self.checkpoint_dir:
+            self.save_checkpoint(self.checkpoint_dir)
+        return result
+
+    def _job(self, p: DatasetPointer, rnd: int, weights_id: str, kind: str, split: str = "val") -> JobRequest:
+        return JobRequest(kind=kind, experiment_id=self.experiment_id, round=rnd, dataset=p.name,
+                          plan=self.plan.model_dump(mode="json"), plan_hash=self.plan.content_hash,
+                          weights_id=weights_id, split=split, evaluate=self.evaluate and kind == "train",
+                          seed=self.seed * 100003 + rnd)
+
+    def _await(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> JobStatus:
+        """Upload weights, submit, long-poll until the job ends or the timeout passes."""
+        deadline = time.monotonic() + self.job_timeout
+        ref = p.client.put_weights(blob)
+        if ref.weights_id != req.weights_id:
+            raise VoxgridError(f"node {p.node} stored the weights under {ref.weights_id}, expected {req.weights_id}")
+        st = p.client.submit(req)
+        while st.state in ("queued", "running"):
+            if _timed_out(deadline):
+                raise TimeoutError(f"job {st.job_id} did not finish within {self.job_timeout:.0f} s")
+            st = p.client.job(st.job_id, wait=min(30.0, max(0.1, deadline - time.monotonic())))
+        if st.state == "failed":
+            raise VoxgridError(f"job failed at the node: {st.error}")
+        return st
+
+    def _train_one(self, p: DatasetPointer, rnd: int, blob: bytes):
+        try:
+            st = self._await(p, self._job(p, rnd, tensors.digest(blob), "train"), blob)
+            delta = tensors.loads(p.client.update(st.job_id))
+            tensors.check_compatible(self.global_weights, delta)
+            return st, delta, None
+        except (VoxgridError, TimeoutError, ValueError, OSError) as exc:
+            return None, None, f"{type(exc).__name__}: {exc}"
+
+    def _score(self, rnd: int, sites: list[SiteResult]) -> None:
+        blob = tensors.dumps(self.global_weights)
+        wid = tensors.digest(blob)
+
+        def one(p: DatasetPointer):
+            try:
+                st = self._await(p, self._job(p, rnd, wid, "evaluate", split="test"), blob)
+                return dict(st.metrics.dice)
+            except (VoxgridError, TimeoutError, ValueError, OSError):
+                return {}
+
+        with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
+            for site, dice in zip(sites, pool.map(one, self.pointers)):
+                site.test_dice = dice
+
+    # reading results ---------------------------------------------------------------------------
+    def history_frame(self):
+        """One row per (round, site): loss, samples, compute time, Dice per class on the test split."""
+        import pandas as pd
+
+        rows = []
+        for r in self.history:
+            for s in r.sites:
+                row = {"round": r.round, "site": s.site, "ok": s.ok, "samples": s.samples, "loss": s.loss,
+                       "compute_s": round(s.compute_s, 3)}
+                row.update({f"dice[{k}]": v for k, v in s.test_dice.items()})
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def dice_table(self, round: int = -1) -> str:
+        """A plain-text table: one row per site, Dice per class of the global model on the test split."""
+        r = self.history[round]
+        classes = self.plan.labels[1:]
+        head = f"{'site':<28}" + "".join(f"{c:>12}" for c in classes) + f"{'mean':>10}"
+        lines = [f"round {r.round}: global model Dice on each site's test split", head, "-" * len(head)]
+        for s in r.sites:
+            vals = [s.test_dice.get(c) for c in classes]
+            cells = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals)
+            known = [v for v in vals if v is not None]
+            mean = f"{sum(known) / len(known):.3f}" if known else "-"
+            lines.append(f"{s.site:<28}{cells}{mean:>10}" + ("" if s.ok else f"  (dropped: {s.error})"[:80]))
+        return "\n".join(lines)
+
+    def results(self) -> dict:
+        return {"experiment_id": self.experiment_id, "plan": self.plan.model_dump(mode="json"),
+                "plan_hash": self.plan.content_hash, "strategy": self.strategy.config(),
+                "sites": [{"node": p.node, "url": p.url, "dataset": p.name} for p in self.pointers],
+                "rounds": [r.to_dict() for r in self.history]}
+
+    # checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, folder: str | Path) -> Path:
+        """Write ``round-NNNN.safetensors`` (global weights) and ``experiment.json`` (state, history)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(self.history)
+        weights = folder / f"round-{n:04d}.safetensors"
+        weights.write_bytes(tensors.dumps(self.global_weights))
+        state = self.results() | {"completed_rounds": n, "weights": weights.name, "min_nodes": self.min_nodes,
+                                  "job_timeout": self.job_timeout, "evaluate": self.evaluate, "seed": self.seed,
+                                  "target_rounds": self.rounds}
+        tmp = folder / "experiment.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(folder / "experiment.json")
+        return folder / "experiment.json"
+
+    @classmethod
+    def resume(cls, folder: str | Path, pointers: list[DatasetPointer], strategy: Strategy | None = None) -> Experiment:
+        """Continue an experiment from its last checkpoint (same plan, same experiment id)."""
+        folder = Path(folder)
+        state = json.loads((folder / "experiment.json").read_text())
+        plan = Plan.model_validate(state["plan"])
+        weights = tensors.loads((folder / state["weights"]).read_bytes())
+        exp = cls(plan, pointers, strategy=strategy, rounds=state["target_rounds"], min_nodes=state["min_nodes"],
+                  job_timeout=state["job_timeout"], evaluate=state["evaluate"], checkpoint_dir=folder,
+                  seed=state["seed"], initial=weights)
+        exp.experiment_id = state["experiment_id"]
+        exp.history = [_round_from_dict(r) for r in state["rounds"]]
+        return exp
+
+
+def _round_from_dict(d: dict) -> RoundResult:
+    d = dict(d)
+    d.pop("overhead_s", None)
+    d["sites"] = [SiteResult(**s) for s in d["sites"]]
+    return RoundResult(**d)
+
+
+def _mean_dice(dicts: list[dict]) -> float:
+    vals = [v for d in dicts for v in d.values() if v is not None]
+    return sum(vals) / len(vals) if vals else math.nan

@@ -1,0 +1,291 @@
+"""Declarative, hashed training plans and the builders that turn them into torch objects.
+
+A plan is data, not code (security invariant 3): every component is a MONAI-bundle-style dict
+resolved through the allowlist in :mod:`voxgrid.components`, checked when the plan is made and
+again when a node builds it. The plan's JSON is canonical, so its ``content_hash`` names exactly
+one recipe and a data owner can approve or audit it.
+
+>>> plan = unet_plan(["background", "pancreas", "tumor"], local_epochs=2)
+>>> net = build_network(plan)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+from typing import Annotated, Any, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+
+from voxgrid import components
+
+__all__ = [
+    "PlanError",
+    "Plan",
+    "unet_plan",
+    "build_network",
+    "build_loss",
+    "build_optimizer",
+    "build_transforms",
+    "initial_weights",
+]
+
+# Strict so that JSON like `"batch_size": "2"` or `true` is refused instead of coerced.
+_PosInt = Annotated[int, Strict(), Field(ge=1)]
+_PatchDim = Annotated[int, Strict(), Field(ge=8)]
+_Weight = Annotated[float, Strict(), Field(ge=0)]
+
+_OPTIMIZER_SUPPLIED = {"params": "the network's parameters"}
+
+
+class PlanError(ValueError):
+    """A plan, or one of its components, is not acceptable; the message names the field."""
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy with tuples as lists, so a plan owns its data and equals its JSON round trip."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _location(loc: Sequence[int | str]) -> str:
+    path = "plan"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, PlanError):
+            lines.append(str(cause))
+            continue
+        line = f"{_location(err['loc'])}: {err['msg']}"
+        if err["type"] != "missing" and isinstance(err.get("input"), (str, int, float, bool, type(None))):
+            line += f" (got {err['input']!r})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class Plan(BaseModel):
+    """A training recipe: components, label names, patch sampling, epochs and inference settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=200)] = "plan"
+    network: dict[str, Any]
+    loss: dict[str, Any]
+    optimizer: dict[str, Any]
+    #: Applied to train, val and test samples.
+    preprocessing: list[dict[str, Any]] = []
+    #: Applied to training samples only, after preprocessing.
+    augmentation: list[dict[str, Any]] = []
+    #: Global class names; index 0 is background.
+    labels: list[Annotated[str, Strict(), Field(min_length=1)]]
+    patch_size: tuple[_PatchDim, _PatchDim, _PatchDim]
+    batch_size: _PosInt = 2
+    samples_per_volume: _PosInt = 2
+    #: Foreground/background patch-centre ratio, as RandCropByPosNegLabeld's (pos, neg).
+    pos_neg: tuple[_Weight, _Weight] = (1.0, 1.0)
+    local_epochs: _PosInt = 1
+    steps_per_epoch: _PosInt | None = None
+    sw_overlap: Annotated[float, Strict(), Field(ge=0, lt=1)] = 0.25
+    sw_batch_size: _PosInt = 2
+    #: Mixed precision; nodes apply it on CUDA only.
+    amp: Annotated[bool, Strict()] = True
+    #: Reserved for privacy requirements; opaque JSON for now.
+    privacy: dict[str, Any] | None = None
+
+    def __init__(self, /, **data: Any) -> None:
+        # One exception type for callers: a bad plan is a PlanError however it was made.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise PlanError(_describe(exc)) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Plan:
+        """Pydantic's model_validate, raising PlanError (nodes validate received plans this way)."""
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise PlanError(_describe(exc)) from None
+
+    @field_validator("network", "loss", "optimizer", "preprocessing", "augmentation", "privacy", mode="before")
+    @classmethod
+    def _own_copy(cls, value: Any) -> Any:
+        return _plain(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        problems = components.spec_problems("network", self.network, "plan.network")
+        if not problems:
+            problems += self._network_shape_problems()
+        problems += components.spec_problems("loss", self.loss, "plan.loss")
+        problems += components.spec_problems("optimizer", self.optimizer, "plan.optimizer", _OPTIMIZER_SUPPLIED)
+        for field in ("preprocessing", "augmentation"):
+            for i, spec in enumerate(getattr(self, field)):
+                problems += components.spec_problems("transform", spec, f"plan.{field}[{i}]")
+        problems += self._label_problems()
+        if sum(self.pos_neg) <= 0:
+            problems.append("plan.pos_neg: at least one of (foreground, background) must be > 0")
+        if self.privacy is not None:
+            problems += components.json_problems(self.privacy, "plan.privacy")
+        if problems:
+            raise PlanError("\n".join(problems))
+        return self
+
+    def _network_shape_problems(self) -> list[str]:
+        target = self.network["_target_"]
+        n = len(self.labels)
+        expected = {
+            "in_channels": (1, "volumes have one channel"),
+            "out_channels": (n, f"labels names {n} classes {self.labels}"),
+            "spatial_dims": (3, "patches are 3-D"),
+        }
+        problems = []
+        for arg, (want, why) in expected.items():
+            have = components.effective_argument("network", self.network, arg)
+            if have is inspect.Parameter.empty or have == want:
+                continue
+            source = "" if arg in self.network else " (its default)"
+            problems.append(f"plan.network ({target}): {arg} is {have!r}{source} but {why}, so it must be {want}")
+        return problems
+
+    def _label_problems(self) -> list[str]:
+        problems = []
+        if len(self.labels) < 2:
+            problems.append("plan.labels: needs at least 2 names (background and one class)")
+        if self.labels and self.labels[0] != "background":
+            problems.append(f"plan.labels: the first name must be 'background', not {self.labels[0]!r}")
+        duplicates = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        if duplicates:
+            problems.append(f"plan.labels: names must be unique; repeated: {', '.join(duplicates)}")
+        return problems
+
+    @property
+    def content_hash(self) -> str:
+        """``"sha256:<hex>"`` of the canonical JSON; equal plans hash equal in any process."""
+        return "sha256:" + hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def to_json(self, indent: int | None = None) -> str:
+        """Canonical JSON (sorted keys; compact unless ``indent`` is given)."""
+        separators = (",", ":") if indent is None else (",", ": ")
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=separators, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        """Parse and validate a plan; raises PlanError for bad JSON or bad fields."""
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise PlanError(f"plan: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"plan: must be a JSON object, not {type(data).__name__}")
+        return cls(**data)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def unet_plan(
+    labels: Sequence[str],
+    patch_size: Sequence[int] = (32, 32, 32),
+    channels: Sequence[int] = (16, 32, 64, 128),
+    strides: Sequence[int] = (2, 2, 2),
+    num_res_units: int = 2,
+    lr: float = 1e-3,
+    **overrides: Any,
+) -> Plan:
+    """A sensible CT segmentation plan: 3-D UNet, Dice+CE, Adam, HU window [-200, 300] -> [0, 1].
+
+    ``overrides`` replace any other Plan field (``local_epochs``, ``augmentation``, ``loss``, ...).
+    """
+    fields: dict[str, Any] = {
+        "name": "unet",
+        "network": {
+            "_target_": "UNet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": len(labels),
+            "channels": list(channels),
+            "strides": list(strides),
+            "num_res_units": num_res_units,
+        },
+        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+        "optimizer": {"_target_": "Adam", "lr": lr},
+        "preprocessing": [
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": ["image"],
+                "a_min": -200,
+                "a_max": 300,
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            }
+        ],
+        "labels": list(labels),
+        "patch_size": tuple(patch_size),
+    }
+    fields.update(overrides)
+    return Plan(**fields)
+
+
+def _resolve(kind: str, spec: dict, where: str, supplied: dict[str, str] | None = None) -> tuple[type, dict]:
+    """The allowlisted class and a private copy of the kwargs for ``spec``; PlanError if refused."""
+    # Re-checked here, not only in Plan: the node must never build an unchecked spec, even one
+    # mutated after validation (pydantic's frozen does not freeze nested dicts).
+    problems = components.spec_problems(kind, spec, where, supplied)
+    if problems:
+        raise PlanError("\n".join(problems))
+    kwargs = copy.deepcopy({k: v for k, v in spec.items() if k != "_target_"})
+    return components.table(kind)[spec["_target_"]], kwargs
+
+
+def build_network(plan: Plan) -> torch.nn.Module:
+    """The plan's network, freshly initialised from torch's current RNG state."""
+    cls, kwargs = _resolve("network", plan.network, "plan.network")
+    return cls(**kwargs)
+
+
+def build_loss(plan: Plan) -> torch.nn.Module:
+    """The plan's loss; a JSON list ``weight`` (per-class weights) becomes a float tensor."""
+    cls, kwargs = _resolve("loss", plan.loss, "plan.loss")
+    if isinstance(kwargs.get("weight"), list):
+        # DiceCELoss registers weight as a buffer, which must be a tensor.
+        kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32)
+    return cls(**kwargs)
+
+
+def build_optimizer(plan: Plan, params: Any) -> torch.optim.Optimizer:
+    """The plan's optimiser over ``params`` (an iterable of tensors or param groups)."""
+    cls, kwargs = _resolve("optimizer", plan.optimizer, "plan.optimizer", _OPTIMIZER_SUPPLIED)
+    return cls(params, **kwargs)
+
+
+def build_transforms(specs: list[dict]) -> list:
+    """MONAI dictionary transforms for ``specs`` (e.g. ``plan.preprocessing``), in order."""
+    built = []
+    for i, spec in enumerate(specs):
+        cls, kwargs = _resolve("transform", spec, f"transforms[{i}]")
+        built.append(cls(**kwargs))
+    return built
+
+
+def initial_weights(plan: Plan, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic starting weights: the state_dict of the network built under ``seed``."""
+    # fork_rng keeps the caller's global RNG stream untouched by our seeding.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = build_network(plan)
+    return {name: t.detach().contiguous().clone() for name, t in network.state_dict().items()}

@@ -1,0 +1,47 @@
+"""Weights on the wire and on disk: safetensors only (invariant 2, never pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+StateDict = dict[str, torch.Tensor]
+
+
+class TensorsError(ValueError):
+    """A blob that is not a valid safetensors state dict."""
+
+
+def dumps(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise a state dict (tensors moved to CPU, made contiguous) to safetensors bytes."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return _st_save(flat, metadata=metadata)
+
+
+def loads(data: bytes) -> StateDict:
+    """Parse safetensors bytes; raises :class:`TensorsError` naming the problem."""
+    try:
+        return _st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise TensorsError(f"not a valid safetensors blob ({len(data)} bytes): {exc}") from exc
+
+
+def digest(data: bytes) -> str:
+    """Content address of a blob (hex sha256)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`TensorsError` if ``other`` lacks keys of ``reference`` or has other shapes."""
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        raise TensorsError(f"weights do not match the network: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in reference.items():
+        if tuple(other[k].shape) != tuple(v.shape):
+            raise TensorsError(f"weights '{k}': shape {tuple(other[k].shape)}, network expects {tuple(v.shape)}")

@@ -1,0 +1,161 @@
+"""The wire protocol: typed JSON messages shared by nodes, the grid and the scientist.
+
+Every request and response body that is not a tensor blob is one of these pydantic models.
+Tensors travel separately as safetensors (see :mod:`voxgrid.tensors`). Routes are versioned
+under :data:`API_PREFIX`; a breaking change to a message bumps it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API_PREFIX = "/v1"
+#: Largest request body a node or grid accepts (weights of big 3D networks fit; 4 GiB does not).
+MAX_BODY_BYTES = 512 * 1024 * 1024
+
+Role = Literal["owner", "scientist", "node"]
+JobKind = Literal["train", "evaluate"]
+JobState = Literal["queued", "running", "done", "failed"]
+Split = Literal["train", "val", "test"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+TAG_RE = re.compile(r"^#?[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def normalise_tag(tag: str) -> str:
+    """``"CT"`` or ``"#ct"`` -> ``"#ct"``; raises ValueError naming a malformed tag."""
+    t = tag.strip().lower()
+    if not TAG_RE.match(t):
+        raise ValueError(f"malformed tag {tag!r}: use letters, digits, '-' or '_', e.g. '#ct'")
+    return t if t.startswith("#") else "#" + t
+
+
+class Problem(Message):
+    """Error body (in the spirit of RFC 9457 problem details)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+class DatasetInfo(Message):
+    """A dataset's published metadata: the allowlist of what may leave a node about it."""
+
+    name: str
+    description: str = ""
+    tags: list[str]
+    modality: str = "CT"
+    volumes: int
+    label_names: list[str] = Field(description="classes annotated at this site, background first")
+    splits: dict[str, int] = Field(description="volume counts per split")
+
+
+class NodeInfo(Message):
+    name: str
+    url: str
+    api: str = API_PREFIX
+    version: str
+    device: str = Field(description="'cuda' or 'cpu'")
+    datasets: list[DatasetInfo] = []
+
+
+class Health(Message):
+    status: Literal["ok"] = "ok"
+    name: str
+    version: str
+
+
+class WhoAmI(Message):
+    name: str
+    role: Role
+
+
+class WeightsRef(Message):
+    """A content address for a safetensors blob the scientist uploaded to a node."""
+
+    weights_id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int
+
+
+class JobRequest(Message):
+    """One plan run on one dataset for one round, starting from given global weights."""
+
+    kind: JobKind = "train"
+    experiment_id: str = Field(pattern=NAME_RE.pattern)
+    round: int = Field(ge=0)
+    dataset: str
+    plan: dict = Field(description="a voxgrid Plan as JSON; validated by the node against its allowlist")
+    plan_hash: str
+    weights_id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    split: Split = Field("val", description="for evaluate jobs: which split to score")
+    evaluate: bool = Field(True, description="train jobs: score the trained model on the val split")
+    seed: int = 0
+
+
+class Metrics(Message):
+    loss: float | None = None
+    dice: dict[str, float | None] = Field(default_factory=dict, description="per class, NaN-free; None if absent")
+    mean_dice: float | None = None
+    samples: int = 0
+    steps: int = 0
+    compute_s: float = Field(0.0, description="seconds of local compute (training + evaluation)")
+    device: str = "cpu"
+
+
+class JobStatus(Message):
+    job_id: str
+    kind: JobKind
+    experiment_id: str
+    round: int
+    dataset: str
+    state: JobState
+    error: str | None = None
+    metrics: Metrics | None = None
+    has_update: bool = False
+
+    @field_validator("error")
+    @classmethod
+    def _short_error(cls, v: str | None) -> str | None:
+        return v[:2000] if v else v
+
+
+class TokenIssue(Message):
+    name: str = Field(pattern=NAME_RE.pattern)
+    role: Literal["owner", "scientist"] = "scientist"
+
+
+class TokenIssued(Message):
+    name: str
+    role: Role
+    token: str
+
+
+class AuditEntry(Message):
+    at: str
+    actor: str
+    action: str
+    detail: str
+
+
+class NodeRegistration(Message):
+    """What a node tells the grid about itself (the published metadata only)."""
+
+    info: NodeInfo
+
+
+class SearchResult(Message):
+    node: str
+    url: str
+    dataset: DatasetInfo
+
+
+class SearchResponse(Message):
+    results: list[SearchResult]
