@@ -12,8 +12,8 @@ from voxgrid.datasets import default_sites
 from .federation import LocalFederation
 
 
-def run_demo(out: Path, *, sites: int = 3, rounds: int = 3, size: int = 32, volumes: int = 8,
-             local_epochs: int = 2, fmt: str = "nifti", threads: int = 1, seed: int = 0, echo=print) -> dict:
+def run_demo(out: Path, *, sites: int = 3, rounds: int = 5, size: int = 32, volumes: int = 8,
+             local_epochs: int = 3, fmt: str = "nifti", threads: int = 1, seed: int = 0, echo=print) -> dict:
     """Build and start a federation under ``out``, train with FedAvg, write ``out/results.json``."""
     import voxgrid
 
@@ -34,7 +34,7 @@ def run_demo(out: Path, *, sites: int = 3, rounds: int = 3, size: int = 32, volu
         echo(repr(pointers))
         patch = min(size, 32)
         plan = voxgrid.unet_plan(["background", "pancreas", "tumor"], patch_size=(patch,) * 3,
-                                 local_epochs=local_epochs)
+                                 local_epochs=local_epochs, lr=2e-3, samples_per_volume=4)
         exp = voxgrid.Experiment(plan, pointers, rounds=rounds, checkpoint_dir=out / "checkpoints", seed=seed,
                                  name="demo")
         exp.run(progress=False, on_round=lambda e, r: echo(
@@ -51,10 +51,10 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="run a whole federation on this machine: CA, grid, 3 nodes, FedAvg")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for everything the demo makes")
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--size", type=int, default=32, help="volume edge in voxels")
     p.add_argument("--volumes", type=int, default=8, help="volumes per site (the small site gets fewer)")
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti", dest="fmt")
     p.add_argument("--threads", type=int, default=1, help="torch threads per node")
     p.add_argument("--seed", type=int, default=0)
