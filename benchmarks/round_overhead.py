@@ -84,6 +84,7 @@ def summarise(rows: list[dict]) -> dict:
     def stats(sel: list[dict]) -> dict:
         wall, comp, over = ([r[k] for r in sel] for k in ("wall_s", "compute_s", "overhead_s"))
         return {"rounds": len(sel), "wall_s": _mean(wall), "compute_s": _mean(comp), "overhead_s": _mean(over),
+                "overhead_median_s": statistics.median(over) if over else math.nan,
                 "overhead_max_s": max(over) if over else math.nan,
                 "overhead_ratio": _mean(over) / _mean(comp) if comp and _mean(comp) > 0 else math.nan}
 
@@ -142,7 +143,8 @@ def run(args, echo=print) -> dict:
     for label, key in (("mean excluding round 0", "excluding_round_0"), ("mean including round 0", "including_round_0")):
         s = summary[key]
         echo(f"{label:<24} wall {s['wall_s'] * 1e3:8.0f} ms  compute {s['compute_s'] * 1e3:8.0f} ms  "
-             f"overhead {s['overhead_s'] * 1e3:6.0f} ms  overhead/compute {s['overhead_ratio']:.3f}")
+             f"overhead {s['overhead_s'] * 1e3:6.0f} ms (median {s['overhead_median_s'] * 1e3:.0f})  "
+             f"overhead/compute {s['overhead_ratio']:.3f}")
     steady = summary["excluding_round_0"]["overhead_s"] if len(rows) > 1 else summary["including_round_0"]["overhead_s"]
     verdict = "meets" if steady < TARGET_OVERHEAD_S else "MISSES"
     echo(f"[bench] steady-state overhead {steady * 1e3:.0f} ms per round: {verdict} the target of "

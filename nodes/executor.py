@@ -95,6 +95,8 @@ def worker_main(conn, home: str, device: str, threads: int) -> None:
 
     if threads > 0:
         torch.set_num_threads(threads)
+    from safetensors.torch import save_file
+
     from voxgrid import tensors
     from voxgrid.plan import Plan
     from voxgrid.wire import JobRequest
@@ -127,7 +129,9 @@ def worker_main(conn, home: str, device: str, threads: int) -> None:
             if delta is not None:
                 out = home_path / "updates" / f"{job_id}.safetensors"
                 tmp = out.with_suffix(".tmp")
-                tmp.write_bytes(tensors.dumps(delta, metadata={"job_id": job_id}))
+                # straight to the file: half the time of tensors.dumps + write_bytes for a 20 MB update
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in delta.items()}, str(tmp),
+                          metadata={"job_id": job_id})
                 os.replace(tmp, out)
             conn.send_bytes(json.dumps({"event": "done", "job_id": job_id,
                                         "metrics": metrics.model_dump(mode="json")}).encode())

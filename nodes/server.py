@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -20,7 +22,7 @@ log = logging.getLogger("voxgrid.server")
 def _serve(app, home: Home, host: str, port: int, on_listening) -> None:
     config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(home.tls / "server.crt"),
                             ssl_keyfile=str(home.tls / "server.key"), log_level="warning", access_log=False,
-                            timeout_keep_alive=120)
+                            timeout_keep_alive=120, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
 
     def announce():
@@ -33,6 +35,8 @@ def _serve(app, home: Home, host: str, port: int, on_listening) -> None:
 
     threading.Thread(target=announce, daemon=True).start()
     home.run_file.unlink(missing_ok=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so our cleanup runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.run()
     finally:

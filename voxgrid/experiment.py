@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from voxgrid import tensors
-from voxgrid.client import VoxgridError
+from voxgrid.client import RequestRefused, VoxgridError
 from voxgrid.plan import Plan, initial_weights
 from voxgrid.pointers import DatasetPointer
 from voxgrid.strategies import ClientUpdate, FedAvg, Strategy
@@ -106,6 +106,9 @@ class Experiment:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.global_weights: StateDict = initial if initial is not None else initial_weights(plan, seed=seed)
         self.history: list[RoundResult] = []
+        # weights id last uploaded to each node URL: the weights scored after round r are the ones
+        # round r + 1 trains from, so each node gets those bytes once, not twice.
+        self._sent_weights: dict[str, str] = {}
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, rounds: int | None = None, progress: bool = True, on_round=None) -> list[RoundResult]:
@@ -134,8 +137,9 @@ class Experiment:
         rnd = len(self.history)
         t0 = time.perf_counter()
         blob = tensors.dumps(self.global_weights)
+        wid = tensors.digest(blob)  # once per round, not once per node
         with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
-            outcomes = list(pool.map(lambda p: self._train_one(p, rnd, blob), self.pointers))
+            outcomes = list(pool.map(lambda p: self._train_one(p, rnd, blob, wid), self.pointers))
         ok = [(p, st, upd) for p, (st, upd, err) in zip(self.pointers, outcomes) if err is None]
         if len(ok) < self.min_nodes:
             reasons = "; ".join(f"{p.node}: {err}" for p, (_, _, err) in zip(self.pointers, outcomes) if err)
@@ -168,13 +172,28 @@ class Experiment:
                           weights_id=weights_id, split=split, evaluate=self.evaluate and kind == "train",
                           seed=self.seed * 100003 + rnd)
 
-    def _await(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> JobStatus:
-        """Upload weights, submit, long-poll until the job ends or the timeout passes."""
-        deadline = time.monotonic() + self.job_timeout
+    def _put_weights(self, p: DatasetPointer, blob: bytes, weights_id: str, force: bool = False) -> bool:
+        """Upload ``blob`` unless this experiment already sent these weights to the node; True if uploaded."""
+        if not force and self._sent_weights.get(p.url) == weights_id:
+            return False
         ref = p.client.put_weights(blob)
-        if ref.weights_id != req.weights_id:
-            raise VoxgridError(f"node {p.node} stored the weights under {ref.weights_id}, expected {req.weights_id}")
-        st = p.client.submit(req)
+        if ref.weights_id != weights_id:
+            raise VoxgridError(f"node {p.node} stored the weights under {ref.weights_id}, expected {weights_id}")
+        self._sent_weights[p.url] = weights_id
+        return True
+
+    def _await(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> JobStatus:
+        """Upload weights (if the node lacks them), submit, long-poll until the job ends or the timeout passes."""
+        deadline = time.monotonic() + self.job_timeout
+        uploaded = self._put_weights(p, blob, req.weights_id)
+        try:
+            st = p.client.submit(req)
+        except RequestRefused:
+            if uploaded:
+                raise
+            # The node no longer holds the weights sent earlier (e.g. a rebuilt home): send them again.
+            self._put_weights(p, blob, req.weights_id, force=True)
+            st = p.client.submit(req)
         while st.state in ("queued", "running"):
             if _timed_out(deadline):
                 raise TimeoutError(f"job {st.job_id} did not finish within {self.job_timeout:.0f} s")
@@ -183,9 +202,9 @@ class Experiment:
             raise VoxgridError(f"job failed at the node: {st.error}")
         return st
 
-    def _train_one(self, p: DatasetPointer, rnd: int, blob: bytes):
+    def _train_one(self, p: DatasetPointer, rnd: int, blob: bytes, weights_id: str):
         try:
-            st = self._await(p, self._job(p, rnd, tensors.digest(blob), "train"), blob)
+            st = self._await(p, self._job(p, rnd, weights_id, "train"), blob)
             delta = tensors.loads(p.client.update(st.job_id))
             tensors.check_compatible(self.global_weights, delta)
             return st, delta, None
