@@ -65,3 +65,17 @@ def test_no_top_level_datasets_package_shadows_others():
     assert voxgrid.datasets.__name__ == "voxgrid.datasets"
     spec = importlib.util.find_spec("datasets")
     assert spec is None or "voxgrid" not in str(spec.origin or "")
+
+
+def test_a_built_copy_maps_every_folder_into_the_namespace(tmp_path):
+    """A regular (non-editable) install of the project: each subpackage comes from the built copy."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+    code = "import importlib; [print(importlib.import_module(m).__file__) for m in %r]" % SUBPACKAGES
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    files = out.stdout.split()
+    assert len(files) == 4 and all(f.startswith(str(target)) for f in files), files
+    assert (target / "voxgrid" / "nodes" / "service.py").is_file()
+    assert not (target / "nodes").exists() and not (target / "datasets").exists()
