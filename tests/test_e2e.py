@@ -189,6 +189,28 @@ def test_federated_training_beats_the_untrained_model_and_resumes(federation, tm
         "completed_rounds"] == 4
 
 
+def test_a_node_that_times_out_is_dropped_and_too_few_answers_fail_the_round(federation):
+    ptrs = federation.connect().search("#ct", "#pancreas")
+    exp = voxgrid.Experiment(plan(local_epochs=2), ptrs[:1], min_nodes=1, job_timeout=0.3, evaluate=False,
+                             name="slow")
+    before = {k: v.clone() for k, v in exp.global_weights.items()}
+    with pytest.raises(voxgrid.RoundFailed, match="did not finish within") as e:
+        exp.run_round()
+    assert "only 0 of 1 nodes answered" in str(e.value)
+    assert not exp.history and all(torch.equal(before[k], v) for k, v in exp.global_weights.items())
+
+
+def test_grid_roles_are_enforced(federation):
+    node_token = (federation.root / "certs" / "node-site-a.grid.token").read_text().strip()
+    as_node = voxgrid.GridClient(federation.grid.url, node_token, federation.ca_cert)
+    assert as_node.whoami().role == "node"
+    with pytest.raises(voxgrid.AccessRefused, match="role 'node'"):
+        as_node.search("#ct")
+    other = NodeClient(federation.nodes[1].url, federation.scientist_token, federation.ca_cert).info()
+    with pytest.raises(voxgrid.AccessRefused, match="cannot register node 'node-site-b'"):
+        as_node.register(other)  # a node cannot pose as another
+
+
 def test_a_node_killed_mid_round_is_dropped_and_serves_again_after_restart(federation):
     grid = federation.connect()
     ptrs = grid.search("#ct", "#pancreas")
