@@ -2,14 +2,14 @@
 
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 
 import voxgrid
 from voxgrid.wire import (API_PREFIX, AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, NodeInfo, Problem,
                           TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
-from .http import bearer, install_problem_handlers, read_body
-from .service import Caller, NodeService
+from .http import caller_dependency, install_problem_handlers, read_body
+from .service import NodeService
 
 OCTETS = "application/octet-stream"
 ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 422)}
@@ -18,11 +18,7 @@ ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 422)}
 def create_app(service: NodeService) -> FastAPI:
     app = FastAPI(title=f"voxgrid data node {service.config.name}", version=voxgrid.__version__, responses=ERRORS)
     install_problem_handlers(app)
-
-    def caller(request: Request) -> Caller:
-        return service.authenticate(bearer(request))
-
-    Who = Annotated[Caller, Depends(caller)]
+    Who = caller_dependency(service.authenticate)
     p = API_PREFIX
 
     @app.get(f"{p}/health", response_model=Health)

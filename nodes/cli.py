@@ -143,6 +143,18 @@ def _status(kind: str):
     return run
 
 
+def _add_start_status(sub, kind: str, start) -> None:
+    p = sub.add_parser("start", help=f"serve the {kind} over HTTPS (foreground; SIGTERM or Ctrl-C stops it)")
+    _home_arg(p, kind)
+    p.add_argument("--host", help="override the listen address")
+    p.add_argument("--port", type=int, help="override the port (0: any free port; see HOME/run.json)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=start)
+    p = sub.add_parser("status", help=f"health of the running {kind}")
+    _home_arg(p, kind)
+    p.set_defaults(func=_status(kind))
+
+
 def register(sub) -> None:
     """Entry point: add node, grid and demo commands to the ``voxgrid`` parser."""
     node = sub.add_parser("node", help="run and administer a site's data node").add_subparsers(dest="node_cmd",
@@ -166,33 +178,17 @@ def register(sub) -> None:
     _home_arg(p, "node")
     p.set_defaults(func=_dataset_list)
     _add_token(node, "node", "scientist")
-    p = node.add_parser("start", help="serve the node over HTTPS (foreground)")
-    _home_arg(p, "node")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=_start_node)
+    _add_start_status(node, "node", _start_node)
     p = node.add_parser("register", help="register the node's published metadata with its grid")
     _home_arg(p, "node")
     p.add_argument("--grid")
     p.add_argument("--grid-token-file", type=Path)
     p.set_defaults(func=_register)
-    p = node.add_parser("status", help="health of the running node")
-    _home_arg(p, "node")
-    p.set_defaults(func=_status("node"))
 
     grid = sub.add_parser("grid", help="run the grid directory").add_subparsers(dest="grid_cmd", required=True)
     _add_init(grid, "grid")
     _add_token(grid, "grid", "scientist")
-    p = grid.add_parser("start", help="serve the grid over HTTPS (foreground)")
-    _home_arg(p, "grid")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=_start_grid)
-    p = grid.add_parser("status", help="health of the running grid")
-    _home_arg(p, "grid")
-    p.set_defaults(func=_status("grid"))
+    _add_start_status(grid, "grid", _start_grid)
 
     from .demo import add_demo_parser
 

@@ -93,8 +93,10 @@ class Database:
         self.audit("owner", "token.issue", f"{role} token for {name}")
         return token
 
-    def check_token(self, token: str) -> tuple[str, str] | None:
+    def check_token(self, token: str | None) -> tuple[str, str] | None:
         """(name, role) for a valid token, else None."""
+        if not token:
+            return None
         rows = self.query("SELECT name, role FROM tokens WHERE token_hash=? AND revoked=0", (hash_token(token),))
         return (rows[0]["name"], rows[0]["role"]) if rows else None
 

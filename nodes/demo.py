@@ -34,7 +34,7 @@ def run_demo(out: Path, *, sites: int = 3, rounds: int = 5, size: int = 32, volu
         echo(repr(pointers))
         patch = min(size, 32)
         plan = voxgrid.unet_plan(["background", "pancreas", "tumor"], patch_size=(patch,) * 3,
-                                 local_epochs=local_epochs, lr=2e-3, samples_per_volume=4)
+                                 local_epochs=local_epochs)
         exp = voxgrid.Experiment(plan, pointers, rounds=rounds, checkpoint_dir=out / "checkpoints", seed=seed,
                                  name="demo")
         exp.run(progress=False, on_round=lambda e, r: echo(

@@ -4,7 +4,7 @@
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query
 
 import voxgrid
 from voxgrid.wire import API_PREFIX, Health, NodeInfo, NodeRegistration, SearchResponse, SearchResult, WhoAmI, \
@@ -12,8 +12,8 @@ from voxgrid.wire import API_PREFIX, Health, NodeInfo, NodeRegistration, SearchR
 
 from .db import Database, now
 from .home import Home
-from .http import bearer, install_problem_handlers
-from .service import Caller, Forbidden, Invalid, NodeService, Unauthorized
+from .http import caller_dependency, install_problem_handlers
+from .service import Caller, Forbidden, Invalid, authenticate, require
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -34,14 +34,9 @@ class GridService:
         self.db.close()
 
     def authenticate(self, token: str | None) -> Caller:
-        if not token:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        found = self.db.check_token(token)
-        if not found:
-            raise Unauthorized("unknown or revoked token")
-        return Caller(*found)
+        return authenticate(self.db, token)
 
-    require = staticmethod(NodeService.require)
+    require = staticmethod(require)
 
     def register(self, caller: Caller, reg: NodeRegistration) -> NodeInfo:
         """A node (re)registers; its grid token's name must be the node's name, so none can pose as another."""
@@ -74,11 +69,7 @@ class GridService:
 def create_grid_app(service: GridService) -> FastAPI:
     app = FastAPI(title=f"voxgrid grid {service.config.name}", version=voxgrid.__version__)
     install_problem_handlers(app)
-
-    def caller(request: Request) -> Caller:
-        return service.authenticate(bearer(request))
-
-    Who = Annotated[Caller, Depends(caller)]
+    Who = caller_dependency(service.authenticate)
     p = API_PREFIX
 
     @app.get(f"{p}/health", response_model=Health)

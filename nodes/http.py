@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from voxgrid.wire import MAX_BODY_BYTES, Problem
 
-from .service import ServiceError, TooLarge, redact
+from .service import Caller, ServiceError, TooLarge, redact
 
 log = logging.getLogger("voxgrid.http")
 
@@ -49,6 +51,15 @@ def install_problem_handlers(app: FastAPI) -> None:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return problem(413, "Request too large", f"body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
         return await call_next(request)
+
+
+def caller_dependency(authenticate):
+    """``Annotated[Caller, Depends(...)]`` for routes: the caller named by the request's bearer token."""
+
+    def caller(request: Request) -> Caller:
+        return authenticate(bearer(request))
+
+    return Annotated[Caller, Depends(caller)]
 
 
 def bearer(request: Request) -> str | None:

@@ -13,7 +13,6 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -72,6 +71,21 @@ class Caller:
     role: str
 
 
+def authenticate(db, token: str | None) -> Caller:
+    """The caller a bearer token belongs to (``db`` is a :class:`~voxgrid.nodes.db.Database`)."""
+    if not token:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    found = db.check_token(token)
+    if not found:
+        raise Unauthorized("unknown or revoked token")
+    return Caller(*found)
+
+
+def require(caller: Caller, *roles: str) -> None:
+    if caller.role not in roles:
+        raise Forbidden(f"role '{caller.role}' may not do this; it needs one of: {', '.join(roles)}")
+
+
 DATA_REFUSED = ("voxgrid data nodes never release voxels, label maps, file paths or DICOM headers: "
                 "dataset {name!r} is available only through jobs that run at the node "
                 "(build a Plan and an Experiment). Only its published metadata can be read.")
@@ -95,17 +109,9 @@ class NodeService:
 
     # auth --------------------------------------------------------------------------------------
     def authenticate(self, token: str | None) -> Caller:
-        if not token:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        found = self.store.check_token(token)
-        if not found:
-            raise Unauthorized("unknown or revoked token")
-        return Caller(*found)
+        return authenticate(self.store, token)
 
-    @staticmethod
-    def require(caller: Caller, *roles: str) -> None:
-        if caller.role not in roles:
-            raise Forbidden(f"role '{caller.role}' may not do this; it needs one of: {', '.join(roles)}")
+    require = staticmethod(require)
 
     # public metadata ---------------------------------------------------------------------------
     def health(self, caller: Caller) -> Health:

@@ -23,7 +23,6 @@ PHI = ("PHANTOM^", "Voxgrid Phantom Hospital", "ACC0001", "19700101", "site-a-0"
 
 
 def plan(**kw):
-    kw = {"lr": 2e-3, "samples_per_volume": 4} | kw
     return voxgrid.unet_plan(["background", "pancreas", "tumor"], patch_size=(32, 32, 32), **kw)
 
 

@@ -203,7 +203,7 @@ def unet_plan(
     channels: Sequence[int] = (16, 32, 64, 128),
     strides: Sequence[int] = (2, 2, 2),
     num_res_units: int = 2,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     **overrides: Any,
 ) -> Plan:
     """A sensible CT segmentation plan: 3-D UNet, Dice+CE, Adam, HU window [-200, 300] -> [0, 1].
@@ -236,6 +236,8 @@ def unet_plan(
         ],
         "labels": list(labels),
         "patch_size": tuple(patch_size),
+        # Four balanced patches per volume: small sites (a handful of cases) still get enough steps.
+        "samples_per_volume": 4,
     }
     fields.update(overrides)
     return Plan(**fields)

@@ -46,10 +46,10 @@ def weighted_delta(updates: Sequence[ClientUpdate], weights: Sequence[float]) ->
     if total <= 0:
         raise ValueError(f"aggregation weights must sum to a positive number, got {list(weights)}")
     out: StateDict = {}
-    for key in updates[0].delta:
-        acc = torch.zeros(updates[0].delta[key].shape, dtype=torch.float64)
+    for key, ref in updates[0].delta.items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
         for u, w in zip(updates, weights):
-            acc += u.delta[key].to(torch.float64) * (w / total)
+            acc.add_(u.delta[key], alpha=w / total)  # in place: no temporaries the size of the model
         out[key] = acc
     return out
 
