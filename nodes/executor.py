@@ -1,9 +1,10 @@
 """The executor: a long-lived worker process beside the node server.
 
 The worker stays warm between rounds (imports done, volumes preprocessed and cached, network
-built), so a round costs only the compute. Server and worker talk over a pipe with JSON
-messages; weights go through files in the node home as safetensors. Nothing is pickled
-(``send_bytes``/``recv_bytes`` only).
+built), so a round costs only the compute. Server and worker talk over a pipe: a JSON message,
+followed for weights and updates by one raw safetensors message. Nothing is pickled
+(``send_bytes``/``recv_bytes`` only), and nothing touches the disk on the way: the server keeps
+the durable copies.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 log = logging.getLogger("voxgrid.executor")
 
@@ -25,11 +25,11 @@ class Executor:
     """Server-side handle: starts the worker, feeds it jobs, reports events to ``on_event``.
 
     ``on_event`` receives dicts: ``{"event": "started", "job_id"}``, ``{"event": "done", "job_id",
-    "metrics"}`` or ``{"event": "failed", "job_id", "error"}``.
+    "metrics", "update": bytes | None}`` or ``{"event": "failed", "job_id", "error"}``.
     """
 
-    def __init__(self, home: Path, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0):
-        self.home, self.on_event, self.device, self.threads = Path(home), on_event, device, threads
+    def __init__(self, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0):
+        self.on_event, self.device, self.threads = on_event, device, threads
         self._lock = threading.Lock()
         self._inflight: dict[str, dict] = {}
         self._closing = False
@@ -38,24 +38,27 @@ class Executor:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited server threads or sockets
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=worker_main, args=(child, str(self.home), self.device, self.threads),
+        self._proc = ctx.Process(target=worker_main, args=(child, self.device, self.threads),
                                  name="voxgrid-executor", daemon=True)
         self._proc.start()
         child.close()
         self._reader = threading.Thread(target=self._read, name="executor-reader", daemon=True)
         self._reader.start()
 
-    def submit(self, job: dict) -> None:
-        """Queue a job: ``{"job_id", "request": JobRequest dict, "dataset": {...}}``."""
-        with self._lock:
+    def submit(self, job: dict, weights: bytes) -> None:
+        """Queue a job: ``{"job_id", "request": JobRequest dict, "dataset": {...}}`` and its start weights."""
+        with self._lock:  # the two messages must stay adjacent
             self._inflight[job["job_id"]] = job
             self._conn.send_bytes(json.dumps(job).encode())
+            self._conn.send_bytes(weights)
 
     def _read(self) -> None:
         conn = self._conn
         while True:
             try:
                 msg = json.loads(conn.recv_bytes())
+                if msg.get("event") == "done":
+                    msg["update"] = conn.recv_bytes() if msg.get("has_update") else None
             except (EOFError, OSError):
                 break
             if msg.get("event") in ("done", "failed"):
@@ -86,7 +89,7 @@ class Executor:
             self._proc.kill()
 
 
-def worker_main(conn, home: str, device: str, threads: int) -> None:
+def worker_main(conn, device: str, threads: int) -> None:
     """Worker loop: one job at a time, in submission order. Exits when the server goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us cleanly
     if threads > 0:
@@ -95,8 +98,6 @@ def worker_main(conn, home: str, device: str, threads: int) -> None:
 
     if threads > 0:
         torch.set_num_threads(threads)
-    from safetensors.torch import save_file
-
     from voxgrid import tensors
     from voxgrid.plan import Plan
     from voxgrid.wire import JobRequest
@@ -105,10 +106,10 @@ def worker_main(conn, home: str, device: str, threads: int) -> None:
 
     trainer = Trainer(pick_device(device))
     cache: dict[tuple, object] = {}
-    home_path = Path(home)
     while True:
         try:
             job = json.loads(conn.recv_bytes())
+            blob = conn.recv_bytes()
         except (EOFError, OSError):
             return
         job_id = job["job_id"]
@@ -123,18 +124,13 @@ def worker_main(conn, home: str, device: str, threads: int) -> None:
             if data is None:
                 data = prepare(ds["volumes"], site_labels, plan)
                 cache = {key: data}  # one dataset at a time: volumes are large
-            weights = tensors.loads((home_path / "blobs" / f"{req.weights_id}.safetensors").read_bytes())
-            metrics, delta = run_job(trainer, plan, req.kind, data, weights, split=req.split,
+            metrics, delta = run_job(trainer, plan, req.kind, data, tensors.loads(blob), split=req.split,
                                      evaluate=req.evaluate, seed=req.seed)
-            if delta is not None:
-                out = home_path / "updates" / f"{job_id}.safetensors"
-                tmp = out.with_suffix(".tmp")
-                # straight to the file: half the time of tensors.dumps + write_bytes for a 20 MB update
-                save_file({k: v.detach().to("cpu").contiguous() for k, v in delta.items()}, str(tmp),
-                          metadata={"job_id": job_id})
-                os.replace(tmp, out)
-            conn.send_bytes(json.dumps({"event": "done", "job_id": job_id,
+            update = tensors.dumps(delta, metadata={"job_id": job_id}) if delta is not None else None
+            conn.send_bytes(json.dumps({"event": "done", "job_id": job_id, "has_update": update is not None,
                                         "metrics": metrics.model_dump(mode="json")}).encode())
+            if update is not None:
+                conn.send_bytes(update)
         except Exception as exc:  # a bad job must never take the worker down
             log.warning("job %s failed: %s", job_id, traceback.format_exc())
             conn.send_bytes(json.dumps({"event": "failed", "job_id": job_id,

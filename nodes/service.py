@@ -12,7 +12,10 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -34,6 +37,35 @@ _PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,]+)+")
 def redact(text: str) -> str:
     """Strip file paths from a message before it leaves the node (invariant 1)."""
     return _PATH_RE.sub("<path>", text)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class BlobCache:
+    """The ``keep`` most recent blobs by key, thread-safe."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: bytes) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
 
 
 class ServiceError(Exception):
@@ -97,14 +129,20 @@ class NodeService:
         self.config = home.load()
         self.store = NodeStore(home.db_file)
         self._cond = threading.Condition()
+        # Recent weights and updates stay in memory so a round never waits on the disk; the durable
+        # copies are written beside (weights in the background, updates right after "done").
+        self._weights = BlobCache(keep=4)
+        self._updates = BlobCache(keep=8)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
         self.executor: Executor | None = None
         if start_executor:
-            self.executor = Executor(home.path, self._on_event, device=self.config.device, threads=self.config.threads)
+            self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads)
             self._recover()
 
     def close(self) -> None:
         if self.executor:
             self.executor.close()
+        self._writer.shutdown(wait=True)
         self.store.close()
 
     # auth --------------------------------------------------------------------------------------
@@ -167,12 +205,18 @@ class NodeService:
         if not state:
             raise Invalid("the weights blob holds no tensors")
         weights_id = hashlib.sha256(data).hexdigest()
+        self._weights.put(weights_id, data)
         path = self.home.blobs / f"{weights_id}.safetensors"
         if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            self._writer.submit(_write_atomic, path, data)
         return WeightsRef(weights_id=weights_id, bytes=len(data))
+
+    def _weights_blob(self, weights_id: str) -> bytes | None:
+        blob = self._weights.get(weights_id)
+        if blob is None:
+            path = self.home.blobs / f"{weights_id}.safetensors"
+            blob = path.read_bytes() if path.is_file() else None
+        return blob
 
     def submit(self, caller: Caller, req: JobRequest) -> JobStatus:
         self.require(caller, "scientist", "owner")
@@ -184,7 +228,7 @@ class NodeService:
             raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
         if plan.content_hash != req.plan_hash:
             raise Invalid(f"plan hash mismatch: request says {req.plan_hash}, plan hashes to {plan.content_hash}")
-        if not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
+        if req.weights_id not in self._weights and not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
             raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
         split = "train" if req.kind == "train" else req.split
         if not any(v.split == split for v in ds.volumes):
@@ -205,9 +249,13 @@ class NodeService:
         fingerprint = hashlib.sha256(repr(sorted((v["case_id"], v["image"], v["split"]) for v in vols)).encode())
         if self.executor is None:
             raise ServiceError("this node has no executor")
+        weights = self._weights_blob(req.weights_id)
+        if weights is None:  # only after a crash that beat the background write
+            self._on_event({"event": "failed", "job_id": job_id, "error": "start weights lost; submit again"})
+            return
         self.executor.submit({"job_id": job_id, "request": req.model_dump(mode="json"),
                               "dataset": {"label_names": {str(k): v for k, v in ds.label_names.items()},
-                                          "volumes": vols, "fingerprint": fingerprint.hexdigest()}})
+                                          "volumes": vols, "fingerprint": fingerprint.hexdigest()}}, weights)
 
     def _recover(self) -> None:
         """After a restart, queue again the jobs that were queued or running when the node stopped."""
@@ -215,12 +263,18 @@ class NodeService:
             log.info("recovering job %s", job.job_id)
             self.store.set_job(job.job_id, "queued")
             self._dispatch(job.job_id, job.request)
+        for job in self.store.jobs(states=("done",)):
+            if job.request.kind == "train" and not self._has_update(job.job_id):
+                self.store.set_job(job.job_id, "failed", error="the update was lost when the node stopped",
+                                   metrics=job.metrics)
 
     def _on_event(self, msg: dict) -> None:
         job_id, event = msg["job_id"], msg["event"]
         if event == "started":
             self.store.set_job(job_id, "running")
         elif event == "done":
+            if msg.get("update") is not None:
+                self._updates.put(job_id, msg["update"])
             self.store.set_job(job_id, "done", metrics=Metrics.model_validate(msg["metrics"]))
             self.store.audit("executor", "job.done", job_id)
         elif event == "failed":
@@ -228,6 +282,8 @@ class NodeService:
             self.store.audit("executor", "job.failed", job_id)
         with self._cond:
             self._cond.notify_all()
+        if event == "done" and msg.get("update") is not None:
+            _write_atomic(self.home.updates / f"{job_id}.safetensors", msg["update"])
 
     def _own_job(self, caller: Caller, job_id: str):
         job = self.store.job(job_id)
@@ -236,7 +292,7 @@ class NodeService:
         return job
 
     def _has_update(self, job_id: str) -> bool:
-        return (self.home.updates / f"{job_id}.safetensors").is_file()
+        return job_id in self._updates or (self.home.updates / f"{job_id}.safetensors").is_file()
 
     def job_status(self, caller: Caller, job_id: str, wait: float = 0.0) -> JobStatus:
         """The job's status; with ``wait`` > 0, block up to that many seconds for it to finish."""
@@ -254,7 +310,8 @@ class NodeService:
         if job.state != "done" or not self._has_update(job_id):
             raise NotFound(f"job {job_id} has no update (state: {job.state})")
         self.store.audit(caller.name, "update.release", f"job {job_id} on {job.request.dataset}")
-        return (self.home.updates / f"{job_id}.safetensors").read_bytes()
+        blob = self._updates.get(job_id)
+        return blob if blob is not None else (self.home.updates / f"{job_id}.safetensors").read_bytes()
 
     # owner -------------------------------------------------------------------------------------
     def issue_token(self, caller: Caller, req: TokenIssue) -> TokenIssued:

@@ -39,7 +39,7 @@ class Strategy:
 
 
 def weighted_delta(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> StateDict:
-    """sum_k w_k * delta_k / sum_k w_k, computed in float64 to keep rounding out of the mean."""
+    """sum_k w_k * delta_k / sum_k w_k, accumulated in place in (at least) float32."""
     if not updates:
         raise ValueError("cannot aggregate zero updates")
     total = float(sum(weights))
@@ -47,7 +47,7 @@ def weighted_delta(updates: Sequence[ClientUpdate], weights: Sequence[float]) ->
         raise ValueError(f"aggregation weights must sum to a positive number, got {list(weights)}")
     out: StateDict = {}
     for key, ref in updates[0].delta.items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        acc = torch.zeros(ref.shape, dtype=torch.promote_types(ref.dtype, torch.float32))
         for u, w in zip(updates, weights):
             acc.add_(u.delta[key], alpha=w / total)  # in place: no temporaries the size of the model
         out[key] = acc
@@ -60,7 +60,7 @@ def apply_delta(global_weights: StateDict, delta: StateDict) -> StateDict:
     for key, g in global_weights.items():
         d = delta[key]
         if g.is_floating_point():
-            new[key] = (g.to(torch.float64) + d).to(g.dtype)
+            new[key] = (g + d).to(g.dtype)
         else:
             new[key] = (g.to(torch.float64) + d).round().to(g.dtype)
     return new
