@@ -1,4 +1,5 @@
-"""CT DICOM series: write one file per slice, read a folder back into a Volume.
+"""CT DICOM series: write one file per slice (`write_dicom_series`); reading lives in dicom_read.py
+(`read_dicom_series`) and dicom_series.py (`list_series`, `SeriesRules`), re-exported here.
 
 Geometry conventions: arrays are indexed [i, j, k] as nibabel would give them, i along the DICOM
 row direction (columns of the pixel matrix), j along the column direction (rows), k along slices.
@@ -6,20 +7,20 @@ Affines map voxel indices to RAS+ mm; DICOM stores LPS+, so the first two rows f
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
-from .volume import Volume, VolumeError
+from .dicom_read import read_dicom_series
+from .dicom_series import SeriesRules, SeriesSummary, list_series
+from .volume import VolumeError
+
+__all__ = ["write_dicom_series", "read_dicom_series", "list_series", "SeriesRules", "SeriesSummary"]
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
-_GAP_TOLERANCE = 0.01  # relative deviation of a slice gap from the series' median gap
 
 
 def _ds(value: float) -> DSfloat:
@@ -116,126 +117,3 @@ def write_dicom_series(
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # (Rows=Y, Columns=X)
         ds.save_as(path, enforce_file_format=True)
     return out_dir
-
-
-def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    """Every DICOM image header under `folder` (recursive); non-DICOM files and non-image objects are skipped."""
-    paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-    found = []
-    for path in paths:
-        if path.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            continue  # not DICOM at all (README, thumbnails, ...)
-        except Exception as exc:
-            raise VolumeError(f"corrupt DICOM file {path}: {type(exc).__name__}: {exc}") from exc
-        # Either copy of the SOP class may be the one a truncation damaged.
-        classes = [c for c in (ds.file_meta.get("MediaStorageSOPClassUID"), ds.get("SOPClassUID")) if c]
-        image_classes = [c.name for c in classes if "Image Storage" in c.name]
-        if "Rows" in ds and "SeriesInstanceUID" in ds:  # SR, RTSTRUCT, presentation states have no Rows
-            found.append((path, ds))
-        elif image_classes:  # an image class without its image header: truncated or damaged
-            raise VolumeError(f"corrupt DICOM file {path}: {image_classes[0]} object lacks Rows or SeriesInstanceUID")
-    return found
-
-
-def _select_series(folder: Path, headers, series_uid: str | None):
-    by_series: dict[str, list] = defaultdict(list)
-    for path, ds in headers:
-        by_series[str(ds.SeriesInstanceUID)].append((path, ds))
-    if not by_series:
-        raise VolumeError(f"no DICOM image files found in {folder}")
-    if series_uid is not None:
-        if series_uid not in by_series:
-            raise VolumeError(f"series {series_uid} not found in {folder}; it holds {sorted(by_series)}")
-        return series_uid, by_series[series_uid]
-    if len(by_series) > 1:
-        listing = "; ".join(
-            f"{uid} ({str(items[0][1].get('SeriesDescription', ''))!r}, {len(items)} images)"
-            for uid, items in sorted(by_series.items())
-        )
-        raise VolumeError(f"{folder} holds {len(by_series)} image series, pass series_uid= to pick one: {listing}")
-    return next(iter(by_series.items()))
-
-
-def _geometry(series: str, items) -> tuple[list, np.ndarray]:
-    """Sort slices along the normal; returns (sorted items, LPS affine)."""
-    first = items[0][1]
-    first_iop = np.array(first.ImageOrientationPatient, dtype=np.float64)
-    for path, ds in items:
-        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if tag not in ds:
-                raise VolumeError(f"series {series}: {path} lacks {tag}")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError(f"series {series}: {path} is multi-frame, which is not supported")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise VolumeError(f"series {series}: {path} is {ds.Rows}x{ds.Columns}, others {first.Rows}x{first.Columns}")
-        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=np.float64), first_iop, atol=1e-4):
-            raise VolumeError(f"series {series}: {path} has a different ImageOrientationPatient")
-        if not np.allclose(np.array(ds.PixelSpacing, float), np.array(first.PixelSpacing, float), rtol=1e-4):
-            raise VolumeError(f"series {series}: {path} has a different PixelSpacing")
-
-    row_dir, col_dir = first_iop[:3], first_iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    positions = np.array([np.array(ds.ImagePositionPatient, dtype=np.float64) for _, ds in items])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")  # position, not InstanceNumber, which scanners reuse and reorder
-    items, positions, along = [items[i] for i in order], positions[order], along[order]
-
-    if len(items) > 1:
-        gaps = np.diff(along)
-        if np.min(gaps) < 1e-3:  # mm
-            k = int(np.argmin(gaps))
-            raise VolumeError(
-                f"series {series}: two slices share position {along[k]:.3f} mm ({items[k][0]}, {items[k + 1][0]})"
-            )
-        expected = float(np.median(gaps))
-        bad = np.flatnonzero(np.abs(gaps - expected) > _GAP_TOLERANCE * expected)
-        if bad.size:
-            k = int(bad[0])
-            raise VolumeError(
-                f"series {series}: uneven slice gap of {gaps[k]:.3f} mm between slices at {along[k]:.3f} and "
-                f"{along[k + 1]:.3f} mm (expected {expected:.3f} mm; missing or extra slice?)"
-            )
-        # Slice step from the end positions, so gantry tilt ends up in the affine rather than being ignored.
-        slice_step = (positions[-1] - positions[0]) / (len(items) - 1)
-    else:
-        thickness = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
-        slice_step = normal * thickness
-
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing  # i: along a row, one column per step
-    lps[:3, 1] = col_dir * row_spacing  # j: down a column, one row per step
-    lps[:3, 2] = slice_step
-    lps[:3, 3] = positions[0]
-    return items, lps
-
-
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read the one image series under `folder` (recursive) into a Volume (image float32 X, Y, Z in
-    rescaled units, HU for CT; affine voxel -> RAS mm; label None).
-
-    More than one image series needs `series_uid=`. Raises VolumeError naming the folder, series or
-    file for corrupt files, inconsistent geometry and uneven slice gaps (> 1 % off the median).
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise VolumeError(f"DICOM folder {folder} does not exist")
-    uid, items = _select_series(folder, _read_headers(folder), series_uid)
-    items, lps = _geometry(uid, items)
-
-    nx, ny = int(items[0][1].Columns), int(items[0][1].Rows)
-    image = np.empty((nx, ny, len(items)), dtype=np.float32)
-    for k, (path, _) in enumerate(items):
-        try:
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
-        except Exception as exc:
-            raise VolumeError(f"series {uid}: cannot decode pixels of {path}: {type(exc).__name__}: {exc}") from exc
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        image[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T  # (Rows, Cols) -> (X, Y)
-    return Volume(image=image, affine=_LPS_RAS @ lps, label=None)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import read_dicom_series
+from .dicom_series import SeriesRules, SeriesSummary, list_series, series_case_id
 from .nifti import read_nifti
 from .volume import Volume, VolumeError
 
@@ -16,12 +17,14 @@ _AFFINE_ATOL = 1e-3  # mm; DICOM DS strings and NIfTI float32 headers both round
 
 @dataclass
 class VolumeSource:
-    """Where one case lives on disk. kind is "nifti" (image is a file) or "dicom" (image is a series folder)."""
+    """Where one case lives on disk. kind is "nifti" (image is a file) or "dicom" (image is a folder holding
+    the series; `series_uid` picks it when the folder holds several, e.g. a whole export)."""
 
     case_id: str
     image: Path
     label: Path | None
     kind: str
+    series_uid: str | None = None
 
 
 def _nifti_case_id(path: Path) -> str | None:
@@ -82,6 +85,31 @@ def scan_folder(images: str | Path, labels: str | Path | None = None) -> list[Vo
     return sources
 
 
+def scan_dicom_export(
+    folder: str | Path, rules: SeriesRules | None = None, labels: str | Path | None = None
+) -> tuple[list[VolumeSource], list[SeriesSummary]]:
+    """One case per series that `rules` accept anywhere under `folder` (an export or PACS dump with many
+    series side by side), case id `series_case_id(uid)` (no UID); with `labels`, every case needs
+    `labels/<case_id>.nii.gz`. Returns (sources sorted by case id, every series' summary, skipped ones
+    included, for the ingest report). Nothing but headers is read."""
+    folder = Path(folder)
+    summaries = list_series(folder, rules)
+    accepted = [s for s in summaries if s.accepted]
+    if not accepted:
+        raise VolumeError(f"no series under {folder} passes the series rules "
+                          f"({len(summaries)} found: {sorted({s.skipped for s in summaries})})")
+    sources = []
+    for summary in accepted:
+        case_id = series_case_id(summary.uid)
+        label = None
+        if labels is not None:
+            label = _find_label(Path(labels), case_id)
+            if label is None:
+                raise VolumeError(f"case {case_id!r} has no label map {case_id}.nii.gz in {labels}")
+        sources.append(VolumeSource(case_id=case_id, image=folder, label=label, kind="dicom", series_uid=summary.uid))
+    return sorted(sources, key=lambda s: s.case_id), summaries
+
+
 def _as_3d(array: np.ndarray, what: str) -> np.ndarray:
     # NIfTI writers often add trailing singleton time/channel axes.
     while array.ndim > 3 and array.shape[-1] == 1:
@@ -99,13 +127,14 @@ def _as_label(array: np.ndarray, case_id: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def load_volume(source: VolumeSource) -> Volume:
-    """Read a case's image (float32 X, Y, Z) and label (uint8, same shape and affine, or None)."""
+def load_volume(source: VolumeSource, *, allow_resample: bool = False) -> Volume:
+    """Read a case's image (float32 X, Y, Z) and label (uint8, same shape and affine, or None).
+    `allow_resample` (DICOM only): resample uneven gaps and gantry tilt instead of refusing the series."""
     if source.kind == "nifti":
         array, affine = read_nifti(source.image)
         image = _as_3d(array, f"case {source.case_id!r} image {source.image}").astype(np.float32)
     elif source.kind == "dicom":
-        volume = read_dicom_series(source.image)
+        volume = read_dicom_series(source.image, source.series_uid, allow_resample=allow_resample)
         image, affine = volume.image, volume.affine
     else:
         raise VolumeError(f"case {source.case_id!r}: unknown kind {source.kind!r} (expected 'nifti' or 'dicom')")

@@ -143,6 +143,56 @@ def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | 
     return token
 
 
+def set_budget(path: Path, dataset: str, epsilon: float, delta: float, scientist: str | None = None) -> list[dict]:
+    """Set the (epsilon, delta) budget of a dataset, for one scientist or (None) everyone together.
+
+    Safe while the node runs (the ledger is SQLite in WAL mode). Returns the dataset's budgets.
+    """
+    from pydantic import ValidationError
+
+    from voxgrid.wire import BudgetSet
+
+    from .service import Caller, NodeService, ServiceError
+
+    try:
+        req = BudgetSet(dataset=dataset, scientist=scientist, epsilon=epsilon, delta=delta)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    service = NodeService(Home(path, "node"), start_executor=False)
+    try:  # through the service, so the CLI and the owner API check and audit alike
+        return [b.model_dump() for b in service.set_budget(Caller("owner", "owner"), req)]
+    except ServiceError as exc:
+        raise ValueError(exc.detail) from None
+    finally:
+        service.close()
+
+
+def ledger_view(path: Path) -> dict:
+    """The node's privacy ledger (budgets, releases, refusals) as JSON-ready data."""
+    from voxgrid.privacy import Ledger
+
+    home = Home(path, "node")
+    home.load()
+    ledger = Ledger(home.db_file)
+    try:
+        return ledger.view().model_dump(mode="json")
+    finally:
+        ledger.close()
+
+
+def privacy_report(path: Path, out: Path) -> tuple[Path, Path]:
+    """Write the node's privacy report (JSON + self-contained HTML) into ``out``; returns both paths."""
+    from voxgrid.privacy import Ledger, report
+
+    home = Home(path, "node")
+    home.load()
+    ledger = Ledger(home.db_file)
+    try:
+        return report.write(ledger, out)
+    finally:
+        ledger.close()
+
+
 def set_grid(path: Path, grid_url: str, grid_token_file: Path) -> None:
     """Point a node at its grid; the grid token is copied into the node home."""
     home = Home(path, "node")

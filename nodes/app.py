@@ -5,8 +5,9 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Request, Response
 
 import voxgrid
-from voxgrid.wire import (API_PREFIX, AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, NodeInfo, Problem,
-                          TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.privacy import BudgetStatus
+from voxgrid.wire import (API_PREFIX, AuditEntry, BudgetSet, DatasetInfo, Estimate, EstimateRequest, Health, JobRequest,
+                          JobStatus, LedgerView, NodeInfo, Problem, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 from .http import caller_dependency, install_problem_handlers, read_body
 from .service import NodeService
@@ -64,6 +65,10 @@ def create_app(service: NodeService) -> FastAPI:
     def job_update(job_id: str, c: Who):
         return Response(service.job_update(c, job_id), media_type=OCTETS)
 
+    @app.post(f"{p}/privacy/estimate", response_model=Estimate)
+    def privacy_estimate(req: EstimateRequest, c: Who):
+        return service.privacy_estimate(c, req)
+
     @app.post(f"{p}/owner/tokens", response_model=TokenIssued)
     def issue_token(req: TokenIssue, c: Who):
         return service.issue_token(c, req)
@@ -75,5 +80,13 @@ def create_app(service: NodeService) -> FastAPI:
     @app.get(f"{p}/owner/jobs", response_model=list[JobStatus])
     def jobs(c: Who):
         return service.jobs(c)
+
+    @app.post(f"{p}/owner/budgets", response_model=list[BudgetStatus])
+    def set_budget(req: BudgetSet, c: Who):
+        return service.set_budget(c, req)
+
+    @app.get(f"{p}/owner/ledger", response_model=LedgerView)
+    def ledger(c: Who):
+        return service.ledger_view(c)
 
     return app

@@ -97,6 +97,35 @@ def _dataset_list(args) -> None:
         store.close()
 
 
+def _budget_set(args) -> None:
+    budgets = admin.set_budget(args.home, args.dataset, args.epsilon, args.delta, scientist=args.scientist)
+    print(json.dumps(budgets))
+
+
+def _budget_show(args) -> None:
+    print(json.dumps(admin.ledger_view(args.home), indent=1))
+
+
+def _add_budget(node) -> None:
+    b = node.add_parser("budget", help="privacy budgets and the ledger").add_subparsers(dest="budget_cmd",
+                                                                                         required=True)
+    p = b.add_parser("set", help="set the (epsilon, delta) budget of a dataset, for everyone or one scientist")
+    _home_arg(p, "node")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--scientist", help="the scientist (token name) it binds; default: all scientists together")
+    p.add_argument("--epsilon", required=True, type=float)
+    p.add_argument("--delta", required=True, type=float)
+    p.set_defaults(func=_budget_set)
+    p = b.add_parser("show", help="print the ledger: budgets with spend, releases, refusals (JSON)")
+    _home_arg(p, "node")
+    p.set_defaults(func=_budget_show)
+
+
+def _privacy_report(args) -> None:
+    js, page = admin.privacy_report(args.home, args.out)
+    print(f"privacy report: {page} (data: {js})")
+
+
 def _start_node(args) -> None:
     from .server import serve_node
 
@@ -178,6 +207,7 @@ def register(sub) -> None:
     _home_arg(p, "node")
     p.set_defaults(func=_dataset_list)
     _add_token(node, "node", "scientist")
+    _add_budget(node)
     _add_start_status(node, "node", _start_node)
     p = node.add_parser("register", help="register the node's published metadata with its grid")
     _home_arg(p, "node")
@@ -189,6 +219,17 @@ def register(sub) -> None:
     _add_init(grid, "grid")
     _add_token(grid, "grid", "scientist")
     _add_start_status(grid, "grid", _start_grid)
+
+    from .deploy_cli import add_commands as add_deploy_commands  # doctor, service-files, provision
+
+    add_deploy_commands(sub, node, grid)
+
+    privacy = sub.add_parser("privacy", help="a data node's privacy record").add_subparsers(dest="privacy_cmd",
+                                                                                             required=True)
+    p = privacy.add_parser("report", help="write the privacy report (HTML with plots, and JSON) of a node")
+    _home_arg(p, "node")
+    p.add_argument("--out", required=True, type=Path, help="folder for privacy-report.html and .json")
+    p.set_defaults(func=_privacy_report)
 
     from .demo import add_demo_parser
 

@@ -25,11 +25,15 @@ class Executor:
     """Server-side handle: starts the worker, feeds it jobs, reports events to ``on_event``.
 
     ``on_event`` receives dicts: ``{"event": "started", "job_id"}``, ``{"event": "done", "job_id",
-    "metrics", "update": bytes | None}`` or ``{"event": "failed", "job_id", "error"}``.
+    "metrics", "update": bytes | None}`` (the update after the plan's privacy filter chain) or
+    ``{"event": "failed", "job_id", "error"}``.
     """
 
-    def __init__(self, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0):
+    def __init__(self, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0,
+                 state_dir: str | os.PathLike | None = None):
         self.on_event, self.device, self.threads = on_event, device, threads
+        # Site-kept tensors (FedBN): durable under state_dir, else in the worker's memory only.
+        self.state_dir = str(state_dir) if state_dir else None
         self._lock = threading.Lock()
         self._inflight: dict[str, dict] = {}
         self._closing = False
@@ -38,7 +42,7 @@ class Executor:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited server threads or sockets
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=worker_main, args=(child, self.device, self.threads),
+        self._proc = ctx.Process(target=worker_main, args=(child, self.device, self.threads, self.state_dir),
                                  name="voxgrid-executor", daemon=True)
         self._proc.start()
         child.close()
@@ -89,7 +93,7 @@ class Executor:
             self._proc.kill()
 
 
-def worker_main(conn, device: str, threads: int) -> None:
+def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -> None:
     """Worker loop: one job at a time, in submission order. Exits when the server goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us cleanly
     if threads > 0:
@@ -100,11 +104,15 @@ def worker_main(conn, device: str, threads: int) -> None:
         torch.set_num_threads(threads)
     from voxgrid import tensors
     from voxgrid.plan import Plan
+    from voxgrid.privacy import PrivacySpec
+    from voxgrid.privacy.mechanisms import apply_filters, secure_generator
     from voxgrid.wire import JobRequest
 
+    from .local_state import LocalState
     from .training import Trainer, pick_device, prepare, run_job
 
     trainer = Trainer(pick_device(device))
+    local_state = LocalState(state_dir)
     cache: dict[tuple, object] = {}
     while True:
         try:
@@ -125,7 +133,13 @@ def worker_main(conn, device: str, threads: int) -> None:
                 data = prepare(ds["volumes"], site_labels, plan)
                 cache = {key: data}  # one dataset at a time: volumes are large
             metrics, delta = run_job(trainer, plan, req.kind, data, tensors.loads(blob), split=req.split,
-                                     evaluate=req.evaluate, seed=req.seed)
+                                     evaluate=req.evaluate, seed=req.seed, local_state=local_state,
+                                     job_key=(req.experiment_id, req.dataset, req.round))
+            spec = PrivacySpec.parse(plan.privacy)
+            if delta is not None and spec is not None:
+                # The privacy filter chain runs here, so the raw delta never reaches the server process
+                # or the disk. Noise is seeded from OS entropy, never from the scientist's seed.
+                delta = apply_filters(spec, delta, secure_generator())
             update = tensors.dumps(delta, metadata={"job_id": job_id}) if delta is not None else None
             conn.send_bytes(json.dumps({"event": "done", "job_id": job_id, "has_update": update is not None,
                                         "metrics": metrics.model_dump(mode="json")}).encode())

@@ -9,6 +9,7 @@ Layout (node)::
     HOME/blobs/           global weights received (safetensors, content-addressed)
     HOME/updates/         updates computed by jobs (safetensors, one per job)
     HOME/cache/           volumes converted from DICOM
+    HOME/local-state/     tensors a site keeps across rounds (FedBN normalisation layers)
     HOME/run.json         written when the server listens: URL and process id
 
 A grid's home is the same minus blobs/updates/cache, with ``grid.json`` and ``grid.db``.

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import sqlite3
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +23,13 @@ from pydantic import ValidationError
 import voxgrid
 from voxgrid import tensors
 from voxgrid.plan import Plan, PlanError
-from voxgrid.wire import (AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, Metrics, NodeInfo, TokenIssue,
-                          TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.privacy import BudgetExceeded, BudgetStatus, Ledger, LedgerError, LedgerView, PrivacySpec, PrivacySpecError
+from voxgrid.wire import (NAME_RE, AuditEntry, BudgetSet, DatasetInfo, Estimate, EstimateRequest, Health, JobRequest,
+                          JobStatus, Metrics, NodeInfo, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 from .executor import Executor
 from .home import Home
-from .store import NodeStore
+from .store import NodeStore, new_job_id
 
 log = logging.getLogger("voxgrid.node")
 
@@ -97,6 +99,12 @@ class TooLarge(ServiceError):
     status, title = 413, "Request too large"
 
 
+class BudgetRefused(Forbidden):
+    """The job's projected privacy spend exceeds a budget the owner set (invariant 5)."""
+
+    title = "Privacy budget exceeded"
+
+
 @dataclass(frozen=True)
 class Caller:
     name: str
@@ -128,6 +136,8 @@ class NodeService:
         self.home = home
         self.config = home.load()
         self.store = NodeStore(home.db_file)
+        # The ledger shares the node's SQLite file but has its own connection (and durable commits).
+        self.ledger = Ledger(home.db_file)
         self._cond = threading.Condition()
         # Recent weights and updates stay in memory so a round never waits on the disk; the durable
         # copies are written beside (weights in the background, updates right after "done").
@@ -136,13 +146,16 @@ class NodeService:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
         self.executor: Executor | None = None
         if start_executor:
-            self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads)
+            # FedBN-style site-kept tensors persist in the home, so a restarted node keeps them.
+            self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads,
+                                     state_dir=home.path / "local-state")
             self._recover()
 
     def close(self) -> None:
         if self.executor:
             self.executor.close()
         self._writer.shutdown(wait=True)
+        self.ledger.close()
         self.store.close()
 
     # auth --------------------------------------------------------------------------------------
@@ -228,6 +241,11 @@ class NodeService:
             raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
         if plan.content_hash != req.plan_hash:
             raise Invalid(f"plan hash mismatch: request says {req.plan_hash}, plan hashes to {plan.content_hash}")
+        try:
+            spec = PrivacySpec.parse(plan.privacy)
+        except PrivacySpecError as exc:
+            self.store.audit(caller.name, "job.refused", f"privacy spec refused: {exc}")
+            raise Invalid(f"privacy spec refused by node {self.config.name!r}: {exc}") from exc
         if req.weights_id not in self._weights and not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
             raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
         split = "train" if req.kind == "train" else req.split
@@ -235,8 +253,21 @@ class NodeService:
             raise Invalid(f"dataset {req.dataset!r} has no volumes in its {split!r} split")
         existing = self.store.find_job(caller.name, req)
         if existing:
-            return existing.status(self._has_update(existing.job_id))
-        job = self.store.add_job(caller.name, req)
+            return self._status(existing)
+        job_id = new_job_id()
+        if req.kind == "train":
+            # Reserve the spend before the job exists: a crash in between leaves a reservation with
+            # no job (given back at the next start), never a job whose spend was not checked.
+            try:
+                self.ledger.reserve(job_id, caller.name, req.dataset, spec)
+            except BudgetExceeded as exc:
+                self.store.audit(caller.name, "job.refused", str(exc))
+                raise BudgetRefused(str(exc)) from exc
+        try:
+            job = self.store.add_job(caller.name, req, job_id=job_id)
+        except BaseException:
+            self.ledger.cancel(job_id)
+            raise
         self.store.audit(caller.name, "job.submit",
                          f"{req.kind} job {job.job_id} on {req.dataset}, experiment {req.experiment_id} "
                          f"round {req.round}, plan {plan.content_hash}")
@@ -259,6 +290,10 @@ class NodeService:
 
     def _recover(self) -> None:
         """After a restart, queue again the jobs that were queued or running when the node stopped."""
+        for entry in self.ledger.entries(states=("reserved",)):
+            job = self.store.job(entry.job_id)
+            if job is None or job.state == "failed":  # nothing was released: give the spend back
+                self.ledger.cancel(entry.job_id)
         for job in reversed(self.store.jobs(states=("queued", "running"))):
             log.info("recovering job %s", job.job_id)
             self.store.set_job(job.job_id, "queued")
@@ -270,20 +305,38 @@ class NodeService:
 
     def _on_event(self, msg: dict) -> None:
         job_id, event = msg["job_id"], msg["event"]
+        update = msg.get("update") if event == "done" else None
         if event == "started":
             self.store.set_job(job_id, "running")
         elif event == "done":
-            if msg.get("update") is not None:
-                self._updates.put(job_id, msg["update"])
-            self.store.set_job(job_id, "done", metrics=Metrics.model_validate(msg["metrics"]))
-            self.store.audit("executor", "job.done", job_id)
+            # Invariant 5: the ledger entry is committed before the update becomes downloadable.
+            if update is not None and not self._release(job_id):
+                update = None  # withheld: _release failed the job
+            else:
+                if update is not None:
+                    self._updates.put(job_id, update)
+                self.store.set_job(job_id, "done", metrics=Metrics.model_validate(msg["metrics"]))
+                self.store.audit("executor", "job.done", job_id)
         elif event == "failed":
+            self.ledger.cancel(job_id)
             self.store.set_job(job_id, "failed", error=redact(msg.get("error", "unknown error")))
             self.store.audit("executor", "job.failed", job_id)
         with self._cond:
             self._cond.notify_all()
-        if event == "done" and msg.get("update") is not None:
-            _write_atomic(self.home.updates / f"{job_id}.safetensors", msg["update"])
+        if update is not None:
+            _write_atomic(self.home.updates / f"{job_id}.safetensors", update)
+
+    def _release(self, job_id: str) -> bool:
+        """Commit the job's ledger entry (invariant 5: before the update can leave); False withholds it."""
+        try:
+            self.ledger.release(job_id)
+            return True
+        except (LedgerError, sqlite3.Error) as exc:
+            log.error("job %s: update withheld, ledger entry not written: %s", job_id, exc)
+            self.store.set_job(job_id, "failed", error=f"update withheld: the privacy ledger entry could not be "
+                                                       f"written ({type(exc).__name__}: {redact(str(exc))})")
+            self.store.audit("executor", "job.failed", f"{job_id}: ledger entry not written, update withheld")
+            return False
 
     def _own_job(self, caller: Caller, job_id: str):
         job = self.store.job(job_id)
@@ -294,6 +347,11 @@ class NodeService:
     def _has_update(self, job_id: str) -> bool:
         return job_id in self._updates or (self.home.updates / f"{job_id}.safetensors").is_file()
 
+    def _status(self, job) -> JobStatus:
+        """The job's status with its privacy receipt, once its release is in the ledger."""
+        receipt = self.ledger.receipt(job.job_id)
+        return job.status(self._has_update(job.job_id)).model_copy(update={"privacy": receipt})
+
     def job_status(self, caller: Caller, job_id: str, wait: float = 0.0) -> JobStatus:
         """The job's status; with ``wait`` > 0, block up to that many seconds for it to finish."""
         self.require(caller, "scientist", "owner")
@@ -302,13 +360,27 @@ class NodeService:
             with self._cond:
                 self._cond.wait_for(lambda: self.store.job(job_id).state in ("done", "failed"), timeout=min(wait, 60))
             job = self.store.job(job_id)
-        return job.status(self._has_update(job_id))
+        return self._status(job)
+
+    def privacy_estimate(self, caller: Caller, req: EstimateRequest) -> Estimate:
+        """What more releases would cost the caller on a dataset, against the budgets that apply."""
+        self.require(caller, "scientist", "owner")
+        self._dataset(req.dataset)
+        try:
+            spec = PrivacySpec.parse(req.privacy)
+        except PrivacySpecError as exc:
+            raise Invalid(str(exc)) from exc
+        return self.ledger.estimate(req.dataset, caller.name, spec, req.releases)
 
     def job_update(self, caller: Caller, job_id: str) -> bytes:
         self.require(caller, "scientist", "owner")
         job = self._own_job(caller, job_id)
         if job.state != "done" or not self._has_update(job_id):
             raise NotFound(f"job {job_id} has no update (state: {job.state})")
+        entry = self.ledger.entry(job_id)
+        if entry is None or entry.state != "released":  # invariant 5, checked where the bytes leave
+            raise Forbidden(f"job {job_id}: its release is not recorded in the privacy ledger, so its update "
+                            "is withheld")
         self.store.audit(caller.name, "update.release", f"job {job_id} on {job.request.dataset}")
         blob = self._updates.get(job_id)
         return blob if blob is not None else (self.home.updates / f"{job_id}.safetensors").read_bytes()
@@ -324,4 +396,20 @@ class NodeService:
 
     def jobs(self, caller: Caller) -> list[JobStatus]:
         self.require(caller, "owner")
-        return [j.status(self._has_update(j.job_id)) for j in self.store.jobs()]
+        return [self._status(j) for j in self.store.jobs()]
+
+    def set_budget(self, caller: Caller, req: BudgetSet) -> list[BudgetStatus]:
+        """Set a privacy budget on a dataset; returns the dataset's budgets and where they stand."""
+        self.require(caller, "owner")
+        self._dataset(req.dataset)
+        if req.scientist is not None and not NAME_RE.match(req.scientist):
+            raise Invalid(f"invalid scientist name {req.scientist!r}")
+        self.ledger.set_budget(req.dataset, req.epsilon, req.delta, scientist=req.scientist)
+        self.store.audit(caller.name, "budget.set", f"{req.dataset} for {req.scientist or 'all scientists'}: "
+                                                    f"epsilon {req.epsilon:g}, delta {req.delta:g}")
+        return self.ledger.budgets(req.dataset)
+
+    def ledger_view(self, caller: Caller) -> LedgerView:
+        """Budgets, every release and every refusal (the owner's privacy record)."""
+        self.require(caller, "owner")
+        return self.ledger.view()

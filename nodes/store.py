@@ -87,6 +87,10 @@ class JobRecord:
                          has_update=has_update)
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 class NodeStore(Database):
     def __init__(self, path: Path):
         super().__init__(path, SCHEMA)
@@ -128,8 +132,8 @@ class NodeStore(Database):
         return [self.dataset(r["name"]) for r in self.query("SELECT name FROM datasets ORDER BY name")]
 
     # jobs --------------------------------------------------------------------------------------
-    def add_job(self, scientist: str, request: JobRequest) -> JobRecord:
-        job_id = uuid.uuid4().hex
+    def add_job(self, scientist: str, request: JobRequest, job_id: str | None = None) -> JobRecord:
+        job_id = job_id or new_job_id()
         with self.transaction() as c:
             c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?)",
                       (job_id, scientist, request.model_dump_json(), "queued", None, None, now(), now()))

@@ -19,9 +19,12 @@ from monai.metrics import DiceMetric
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
 from voxgrid.datasets import VolumeSource, load_volume
-from voxgrid.plan import Plan, build_loss, build_network, build_optimizer, build_transforms
+from voxgrid.plan import Plan, build_network, build_optimizer, build_transforms, local_keys
 from voxgrid.tensors import StateDict, check_compatible
 from voxgrid.wire import Metrics
+
+from .local_state import LocalState
+from .objective import LocalObjective
 
 
 @dataclass
@@ -84,8 +87,13 @@ class Trainer:
         net.load_state_dict(weights)
         return net
 
-    def train(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int) -> tuple[float, int]:
-        """Local epochs of patch training; returns (mean loss, optimiser steps)."""
+    def train(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int,
+              present: set[int]) -> tuple[float, int]:
+        """Local epochs of patch training from the weights in ``net``; returns (mean loss, optimiser steps).
+
+        ``present``: the plan classes this site annotates; the loss ignores the others (see
+        :mod:`.objective`). The reported loss is the data loss, without FedProx's proximal term.
+        """
         if not data:
             raise ValueError("the dataset's train split is empty")
         torch.manual_seed(seed)
@@ -100,7 +108,7 @@ class Trainer:
             *build_transforms(plan.augmentation),
         ])
         crop.set_random_state(seed=seed)
-        loss_fn = build_loss(plan)
+        objective = LocalObjective(plan, present, net)
         opt = build_optimizer(plan, net.parameters())
         amp = plan.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -117,11 +125,13 @@ class Trainer:
                 y = torch.stack([s["label"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, enabled=amp):
-                    loss = loss_fn(net(x), y)
+                    data_loss = objective.data_loss(net(x), y)
+                prox = objective.proximal()  # float32, outside autocast
+                loss = data_loss if prox is None else data_loss + prox
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                losses.append(float(loss.detach()))
+                losses.append(float(data_loss.detach()))  # comparable across strategies
                 steps += 1
         return float(np.mean(losses)), steps
 
@@ -150,15 +160,31 @@ class Trainer:
 
 
 def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights: StateDict, *,
-            split: str, evaluate: bool, seed: int) -> tuple[Metrics, StateDict | None]:
-    """One job: train (+ optional validation) or evaluate. Returns metrics and the weight delta."""
+            split: str, evaluate: bool, seed: int, local_state: LocalState | None = None,
+            job_key: tuple[str, str, int] | None = None) -> tuple[Metrics, StateDict | None]:
+    """One job: train (+ optional validation) or evaluate. Returns metrics and the weight delta.
+
+    With ``plan.local.keep_local`` (FedBN), the site's own copy of those tensors replaces the
+    global ones (from ``local_state`` under ``job_key`` = (experiment, dataset, round)), a train
+    job stores the trained copy there, and their delta is zero: they never leave the node.
+    """
     t0 = time.perf_counter()
+    keep = local_keys(plan) if plan.local.keep_local else set()
+    if keep:
+        if local_state is None or job_key is None:
+            raise ValueError("the plan keeps tensors at the site (plan.local.keep_local) but this node has no local state")
+        own = local_state.get(*job_key, inclusive=kind != "train")
+        if own is not None:
+            weights = {**weights, **{k: own[k] for k in keep}}
     net = trainer.network(plan, weights)
     loss, steps, delta, samples = None, 0, None, len(data.splits["train"])
     if kind == "train":
-        loss, steps = trainer.train(plan, net, data.splits["train"], seed)
+        loss, steps = trainer.train(plan, net, data.splits["train"], seed, data.present)
         trained = net.state_dict()
-        delta = {k: (trained[k].detach().float().cpu() - weights[k].float()) for k in weights}
+        delta = {k: (torch.zeros(weights[k].shape) if k in keep else trained[k].detach().float().cpu() - weights[k].float())
+                 for k in weights}
+        if keep:
+            local_state.put(*job_key, {k: trained[k] for k in keep})
         score_split = "val" if evaluate else None
     else:
         score_split = split

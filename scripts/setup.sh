@@ -3,9 +3,19 @@
 # requirement would pull a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade "pip>=23.2" "setuptools>=68"
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+# scripts/install.sh is the install path the Docker images and offline sites use too.
+VOXGRID_EDITABLE=1 bash scripts/install.sh .venv test
+# A real Orthanc (+ DICOMweb plugin) for the PACS tests; they start their own on free ports. The
+# package's own service must not run (it would hold 4242/8042): policy-rc.d 101 stops apt starting it.
+if command -v apt-get >/dev/null && ! dpkg -s orthanc orthanc-dicomweb >/dev/null 2>&1; then
+    added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ] && [ -w /usr/sbin ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && added_policy=1
+    fi
+    (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb) || echo "orthanc install failed"
+    if [ "$added_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+if command -v Orthanc >/dev/null; then
+    { service orthanc stop || true; update-rc.d orthanc disable || true; } >/dev/null 2>&1
+fi
 .venv/bin/python -c "import voxgrid, voxgrid.nodes, voxgrid.datasets, voxgrid.privacy, torch, monai; print('voxgrid', voxgrid.__version__, 'torch', torch.__version__, 'monai', monai.__version__)"

@@ -18,10 +18,14 @@ from pathlib import Path
 
 from voxgrid.client import (AccessRefused, AuthError, GridClient, NodeClient, NotFoundError, RemoteError,
                             RequestRefused, Unreachable, VoxgridError)
+from voxgrid.baselines import LocalBaselines
+from voxgrid.evaluation import CrossSiteTable, cross_site_evaluation
 from voxgrid.experiment import Experiment, RoundFailed
 from voxgrid.plan import Plan, PlanError, unet_plan
 from voxgrid.pointers import DatasetPointer, Grid, PointerList
-from voxgrid.strategies import FedAvg, Strategy
+from voxgrid.selection import SelectedModel
+from voxgrid.strategies import (DWA, FedAdam, FedAvg, FedAvgDice, FedBN, FedProx, FedYogi, Median, Strategy,
+                                TrimmedMean)
 
 
 def connect(grid_url: str | None = None, *, token: str | Path, ca: str | Path | None = None,
@@ -46,6 +50,8 @@ def connect(grid_url: str | None = None, *, token: str | Path, ca: str | Path | 
     return Grid(grid, token, ca, nodes={u: u for u in nodes or []}, tokens=tokens, timeout=timeout)
 
 
-__all__ = ["connect", "Grid", "Plan", "PlanError", "unet_plan", "Experiment", "RoundFailed", "FedAvg", "Strategy",
+__all__ = ["connect", "Grid", "Plan", "PlanError", "unet_plan", "Experiment", "RoundFailed", "Strategy", "FedAvg",
+           "FedAvgDice", "FedProx", "FedAdam", "FedYogi", "DWA", "FedBN", "Median", "TrimmedMean", "LocalBaselines",
+           "SelectedModel", "CrossSiteTable", "cross_site_evaluation",
            "DatasetPointer", "PointerList", "NodeClient", "GridClient", "VoxgridError", "RemoteError", "AuthError",
            "AccessRefused", "NotFoundError", "RequestRefused", "Unreachable", "__version__"]

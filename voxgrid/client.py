@@ -10,8 +10,10 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from voxgrid.pki import client_ssl_context
-from voxgrid.wire import (API_PREFIX, AuditEntry, DatasetInfo, Health, JobRequest, JobStatus, NodeInfo,
-                          NodeRegistration, Problem, SearchResponse, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.privacy import BudgetStatus
+from voxgrid.wire import (API_PREFIX, AuditEntry, BudgetSet, DatasetInfo, Estimate, EstimateRequest, Health, JobRequest,
+                          JobStatus, LedgerView, NodeInfo, NodeRegistration, Problem, SearchResponse, TokenIssue,
+                          TokenIssued, WeightsRef, WhoAmI)
 
 
 class VoxgridError(Exception):
@@ -128,6 +130,12 @@ class NodeClient(_Client):
     def update(self, job_id: str) -> bytes:
         return self._call("GET", f"/jobs/{job_id}/update")
 
+    def privacy_estimate(self, dataset: str, privacy: dict | None, releases: int = 1) -> Estimate:
+        """What ``releases`` more train jobs with the filter chain ``privacy`` would cost us on ``dataset``."""
+        body = EstimateRequest(dataset=dataset, privacy=privacy, releases=releases)
+        return self._call("POST", "/privacy/estimate", Estimate, content=body.model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+
     # owner
     def issue_token(self, name: str, role: str = "scientist") -> TokenIssued:
         return self._call("POST", "/owner/tokens", TokenIssued, content=TokenIssue(name=name, role=role).model_dump_json(),
@@ -138,6 +146,17 @@ class NodeClient(_Client):
 
     def jobs(self) -> list[JobStatus]:
         return self._call("GET", "/owner/jobs", list[JobStatus])
+
+    def set_budget(self, dataset: str, epsilon: float, delta: float,
+                   scientist: str | None = None) -> list[BudgetStatus]:
+        """Set a privacy budget on a dataset (for one scientist, or everyone together); returns its budgets."""
+        body = BudgetSet(dataset=dataset, scientist=scientist, epsilon=epsilon, delta=delta)
+        return self._call("POST", "/owner/budgets", list[BudgetStatus], content=body.model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+
+    def ledger(self) -> LedgerView:
+        """The node's privacy ledger: budgets, releases, refusals."""
+        return self._call("GET", "/owner/ledger", LedgerView)
 
 
 class GridClient(_Client):

@@ -19,7 +19,8 @@ from voxgrid import tensors
 from voxgrid.client import RequestRefused, VoxgridError
 from voxgrid.plan import Plan, initial_weights
 from voxgrid.pointers import DatasetPointer
-from voxgrid.strategies import ClientUpdate, FedAvg, Strategy
+from voxgrid.selection import ModelSelection, mean_score
+from voxgrid.strategies import ClientUpdate, FedAvg, Strategy, StrategyState, from_config
 from voxgrid.tensors import StateDict
 from voxgrid.wire import NAME_RE, JobRequest, JobStatus
 
@@ -39,6 +40,8 @@ class SiteResult:
     val_dice: dict = field(default_factory=dict)
     test_dice: dict = field(default_factory=dict)
     compute_s: float = 0.0
+    global_val_dice: dict = field(default_factory=dict)  # the new global model on the val split (select=True)
+    privacy: dict | None = None  # the node's privacy receipt for this release (voxgrid.privacy.Receipt as JSON)
 
     @property
     def site(self) -> str:
@@ -81,17 +84,20 @@ class Experiment:
         job_timeout: seconds a node has to return its update before it is dropped from the round.
         evaluate: after each round, score the global model on every site's test split.
         checkpoint_dir: where a checkpoint per round is written; :meth:`resume` continues from it.
+        select: keep the best global model and each site's best local model by validation Dice
+            (``exp.selection``, :mod:`voxgrid.selection`); costs an evaluate job per site per round.
     """
 
     def __init__(self, plan: Plan, pointers: list[DatasetPointer], *, strategy: Strategy | None = None,
                  rounds: int = 3, min_nodes: int | None = None, job_timeout: float = 600.0, evaluate: bool = True,
                  checkpoint_dir: str | Path | None = None, name: str | None = None, seed: int = 0,
-                 initial: StateDict | None = None):
+                 initial: StateDict | None = None, select: bool = False):
         if not pointers:
             raise ValueError("an experiment needs at least one dataset pointer (grid.search returned none?)")
-        self.plan = plan
+        self.strategy = strategy if strategy is not None else FedAvg()
+        # Once, here: client-side options of the strategy (e.g. FedProx's mu) travel in the plan.
+        self.plan = self.strategy.configure_plan(plan)
         self.pointers = list(pointers)
-        self.strategy = strategy or FedAvg()
         self.rounds = rounds
         self.min_nodes = len(self.pointers) if min_nodes is None else min_nodes
         if not 1 <= self.min_nodes <= len(self.pointers):
@@ -106,6 +112,8 @@ class Experiment:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.global_weights: StateDict = initial if initial is not None else initial_weights(plan, seed=seed)
         self.history: list[RoundResult] = []
+        self.select = select
+        self.selection = ModelSelection(self.plan, self.experiment_id) if select else None
         # weights id last uploaded to each node URL: the weights scored after round r are the ones
         # round r + 1 trains from, so each node gets those bytes once, not twice.
         self._sent_weights: dict[str, str] = {}
@@ -147,18 +155,24 @@ class Experiment:
                               f"min_nodes={self.min_nodes} ({reasons})")
         updates = [ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
                                 metrics=st.metrics.model_dump()) for p, st, delta in ok]
-        self.global_weights = self.strategy.aggregate(self.global_weights, updates)
+        start, self.global_weights = self.global_weights, self.strategy.aggregate(self.global_weights, updates)
+        if self.selection:
+            self.selection.observe_local(rnd, start, updates)
         train_wall = time.perf_counter() - t0
         sites = []
         for p, (st, _, err) in zip(self.pointers, outcomes):
             m = st.metrics if st is not None and st.metrics else None
             sites.append(SiteResult(node=p.node, dataset=p.name, ok=err is None, error=err,
                                     samples=m.samples if m else 0, loss=m.loss if m else None,
-                                    val_dice=dict(m.dice) if m else {}, compute_s=m.compute_s if m else 0.0))
+                                    val_dice=dict(m.dice) if m else {}, compute_s=m.compute_s if m else 0.0,
+                                    privacy=st.privacy.model_dump(mode="json") if st is not None and st.privacy
+                                    else None))
         compute = max((s.compute_s for s in sites if s.ok), default=0.0)
         t1 = time.perf_counter()
         if self.evaluate:
             self._score(rnd, sites)
+        if self.selection:
+            self._select(rnd, sites)
         result = RoundResult(round=rnd, sites=sites, wall_s=time.perf_counter() - t0, compute_s=compute,
                              train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1)
         self.history.append(result)
@@ -169,7 +183,7 @@ class Experiment:
     def _job(self, p: DatasetPointer, rnd: int, weights_id: str, kind: str, split: str = "val") -> JobRequest:
         return JobRequest(kind=kind, experiment_id=self.experiment_id, round=rnd, dataset=p.name,
                           plan=self.plan.model_dump(mode="json"), plan_hash=self.plan.content_hash,
-                          weights_id=weights_id, split=split, evaluate=self.evaluate and kind == "train",
+                          weights_id=weights_id, split=split, evaluate=(self.evaluate or self.select) and kind == "train",
                           seed=self.seed * 100003 + rnd)
 
     def _put_weights(self, p: DatasetPointer, blob: bytes, weights_id: str, force: bool = False) -> bool:
@@ -211,20 +225,63 @@ class Experiment:
         except (VoxgridError, TimeoutError, ValueError, OSError) as exc:
             return None, None, f"{type(exc).__name__}: {exc}"
 
-    def _score(self, rnd: int, sites: list[SiteResult]) -> None:
+    def _score(self, rnd: int, sites: list[SiteResult], split: str = "test") -> None:
         blob = tensors.dumps(self.global_weights)
         wid = tensors.digest(blob)
 
         def one(p: DatasetPointer):
             try:
-                st = self._await(p, self._job(p, rnd, wid, "evaluate", split="test"), blob)
+                st = self._await(p, self._job(p, rnd, wid, "evaluate", split=split), blob)
                 return dict(st.metrics.dice)
             except (VoxgridError, TimeoutError, ValueError, OSError):
                 return {}
 
         with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
             for site, dice in zip(sites, pool.map(one, self.pointers)):
-                site.test_dice = dice
+                setattr(site, "test_dice" if split == "test" else "global_val_dice", dice)
+
+    def _select(self, rnd: int, sites: list[SiteResult]) -> None:
+        """Score the new global model on every site's val split; keep it if it is the best so far."""
+        if len(self.pointers) == 1 and type(self.strategy) is FedAvg:
+            sites[0].global_val_dice = dict(sites[0].val_dice)  # one site: the global model is its local one
+        else:
+            self._score(rnd, sites, split="val")
+        self.selection.observe_global(rnd, self.global_weights,
+                                      {s.site: mean_score(s.global_val_dice) for s in sites if s.ok})
+
+    # privacy ---------------------------------------------------------------------------------
+    def privacy_estimate(self, rounds: int | None = None):
+        """What the remaining rounds would cost at each node, asked of the nodes before anything runs.
+
+        Returns a DataFrame: one row per site with mechanism, epsilon per release, the projected total
+        and each budget's remaining epsilon (nodes refuse a job that would exceed a budget).
+        """
+        import pandas as pd
+
+        releases = (self.rounds if rounds is None else rounds) - len(self.history)
+        rows = []
+        for p in self.pointers:
+            est = p.client.privacy_estimate(p.name, self.plan.privacy, releases=max(releases, 1))
+            row = {"site": f"{p.name}@{p.node}", "mechanism": est.mechanism, "dp": est.dp,
+                   "releases": est.releases, "epsilon_per_release": est.epsilon_per_release, "delta": est.delta}
+            for b in est.budgets:
+                scope = "dataset" if b.scientist is None else "scientist"
+                row.update({f"{scope} budget": b.epsilon, f"{scope} spent": b.spent,
+                            f"{scope} projected": b.projected, f"{scope} remaining": b.remaining,
+                            f"{scope} fits": b.fits})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def privacy_summary(self):
+        """Every receipt the nodes sent with their updates: one row per (round, site)."""
+        import pandas as pd
+
+        rows = [{"round": r.round, "site": s.site, "mechanism": s.privacy.get("mechanism"), "dp": s.privacy.get("dp"),
+                 "epsilon": s.privacy.get("epsilon"), "cumulative_epsilon": s.privacy.get("cumulative_epsilon"),
+                 "delta": s.privacy.get("delta"), "note": s.privacy.get("note")}
+                for r in self.history for s in r.sites if s.privacy]
+        return pd.DataFrame(rows, columns=["round", "site", "mechanism", "dp", "epsilon", "cumulative_epsilon",
+                                           "delta", "note"])
 
     # reading results ---------------------------------------------------------------------------
     def history_frame(self):
@@ -262,7 +319,8 @@ class Experiment:
 
     # checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """Write ``round-NNNN.safetensors`` (global weights) and ``experiment.json`` (state, history)."""
+        """Write ``round-NNNN.safetensors`` (global weights), ``strategy-NNNN.safetensors`` (the
+        strategy's tensor state, if any) and ``experiment.json`` (state, history, strategy JSON state)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         n = len(self.history)
@@ -270,7 +328,9 @@ class Experiment:
         weights.write_bytes(tensors.dumps(self.global_weights))
         state = self.results() | {"completed_rounds": n, "weights": weights.name, "min_nodes": self.min_nodes,
                                   "job_timeout": self.job_timeout, "evaluate": self.evaluate, "seed": self.seed,
-                                  "target_rounds": self.rounds}
+                                  "target_rounds": self.rounds, "select": self.select,
+                                  "selection": self._save_selection(folder, n),
+                                  "strategy_state": self._save_strategy_state(folder, n)}
         tmp = folder / "experiment.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(folder / "experiment.json")
@@ -278,17 +338,57 @@ class Experiment:
 
     @classmethod
     def resume(cls, folder: str | Path, pointers: list[DatasetPointer], strategy: Strategy | None = None) -> Experiment:
-        """Continue an experiment from its last checkpoint (same plan, same experiment id)."""
+        """Continue an experiment from its last checkpoint (same plan, same experiment id).
+
+        ``strategy`` defaults to the checkpoint's, rebuilt from its config; one passed must have
+        the same config. Either way the strategy's saved state (moments, loss histories) is restored.
+        """
         folder = Path(folder)
         state = json.loads((folder / "experiment.json").read_text())
+        saved = state.get("strategy", {"name": "fedavg"})
+        if strategy is None:
+            strategy = from_config(saved)
+        elif strategy.config() != saved:
+            raise ValueError(f"the checkpoint was made with strategy {saved}, not {strategy.config()}; "
+                             "pass an equal strategy, or none to rebuild the saved one")
+        strategy.load_state_dict(_load_strategy_state(folder, state.get("strategy_state")))
         plan = Plan.model_validate(state["plan"])
         weights = tensors.loads((folder / state["weights"]).read_bytes())
         exp = cls(plan, pointers, strategy=strategy, rounds=state["target_rounds"], min_nodes=state["min_nodes"],
                   job_timeout=state["job_timeout"], evaluate=state["evaluate"], checkpoint_dir=folder,
-                  seed=state["seed"], initial=weights)
+                  seed=state["seed"], initial=weights, select=state.get("select", False))
         exp.experiment_id = state["experiment_id"]
+        if exp.selection:
+            exp.selection = ModelSelection(exp.plan, exp.experiment_id)
+            exp.selection.load(_load_strategy_state(folder, state.get("selection")))
         exp.history = [_round_from_dict(r) for r in state["rounds"]]
         return exp
+
+    def _save_selection(self, folder: Path, n: int) -> dict | None:
+        if not self.selection:
+            return None
+        st = self.selection.state()
+        path = folder / f"selection-{n:04d}.safetensors"
+        if st.tensors:
+            path.write_bytes(tensors.dumps(st.tensors))
+        return {"meta": st.meta, "tensors": path.name if st.tensors else None}
+
+    def _save_strategy_state(self, folder: Path, n: int) -> dict:
+        """Tensors to ``strategy-NNNN.safetensors``, metadata inline as JSON; never pickled."""
+        st = self.strategy.state_dict()
+        out = {"meta": st.meta, "tensors": None}
+        if st.tensors:
+            path = folder / f"strategy-{n:04d}.safetensors"
+            path.write_bytes(tensors.dumps(st.tensors))
+            out["tensors"] = path.name
+        return out
+
+
+def _load_strategy_state(folder: Path, saved: dict | None) -> StrategyState:
+    if not saved:
+        return StrategyState()
+    blob = tensors.loads((folder / saved["tensors"]).read_bytes()) if saved.get("tensors") else {}
+    return StrategyState(tensors=blob, meta=saved.get("meta") or {})
 
 
 def _round_from_dict(d: dict) -> RoundResult:

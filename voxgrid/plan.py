@@ -15,7 +15,7 @@ import copy
 import hashlib
 import inspect
 import json
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
@@ -25,12 +25,14 @@ from voxgrid import components
 __all__ = [
     "PlanError",
     "Plan",
+    "LocalTraining",
     "unet_plan",
     "build_network",
     "build_loss",
     "build_optimizer",
     "build_transforms",
     "initial_weights",
+    "local_keys",
 ]
 
 # Strict so that JSON like `"batch_size": "2"` or `true` is refused instead of coerced.
@@ -61,6 +63,17 @@ def _location(loc: Sequence[int | str]) -> str:
     return path
 
 
+def _known_fields(loc: Sequence[int | str]) -> list[str]:
+    """Field names of the (nested) model at ``loc`` below Plan, or [] if it is not a model."""
+    model: Any = Plan
+    for part in loc:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -68,11 +81,32 @@ def _describe(exc: ValidationError) -> str:
         if isinstance(cause, PlanError):
             lines.append(str(cause))
             continue
+        if err["type"] == "extra_forbidden":
+            known = _known_fields(err["loc"][:-1])
+            lines.append(f"{_location(err['loc'])}: unknown field" + (f"; known: {', '.join(known)}" if known else ""))
+            continue
         line = f"{_location(err['loc'])}: {err['msg']}"
         if err["type"] != "missing" and isinstance(err.get("input"), (str, int, float, bool, type(None))):
             line += f" (got {err['input']!r})"
         lines.append(line)
     return "\n".join(lines)
+
+
+class LocalTraining(BaseModel):
+    """Client-side training options, usually set by the strategy (``Strategy.configure_plan``).
+
+    They travel with the plan, so they are part of its hash and a data owner sees them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    #: FedProx: the node adds proximal_mu / 2 * ||w - w_global||^2 (sum over trainable
+    #: parameters, w_global the weights the job started from) to its loss; 0 disables it.
+    proximal_mu: Annotated[float, Strict(), Field(ge=0)] = 0.0
+    #: FedBN: parameter groups each site keeps to itself, never sent or aggregated. ``"norm"`` is
+    #: every normalisation layer's affine parameters and running statistics (see :func:`local_keys`).
+    #: The node keeps its own copy per experiment and round, and uses it in the experiment's jobs.
+    keep_local: tuple[Literal["norm"], ...] = ()
 
 
 class Plan(BaseModel):
@@ -103,6 +137,8 @@ class Plan(BaseModel):
     amp: Annotated[bool, Strict()] = True
     #: Reserved for privacy requirements; opaque JSON for now.
     privacy: dict[str, Any] | None = None
+    #: Client-side training options a strategy contributes (FedProx's mu, ...).
+    local: LocalTraining = LocalTraining()
 
     def __init__(self, /, **data: Any) -> None:
         # One exception type for callers: a bad plan is a PlanError however it was made.
@@ -170,6 +206,11 @@ class Plan(BaseModel):
         if duplicates:
             problems.append(f"plan.labels: names must be unique; repeated: {', '.join(duplicates)}")
         return problems
+
+    def with_local(self, **settings: Any) -> Plan:
+        """A validated copy with ``local`` settings replaced (the hash changes with them)."""
+        data = self.model_dump(mode="json")
+        return Plan(**{**data, "local": {**data["local"], **settings}})
 
     @property
     def content_hash(self) -> str:
@@ -260,9 +301,19 @@ def build_network(plan: Plan) -> torch.nn.Module:
     return cls(**kwargs)
 
 
-def build_loss(plan: Plan) -> torch.nn.Module:
-    """The plan's loss; a JSON list ``weight`` (per-class weights) becomes a float tensor."""
+def build_loss(plan: Plan, classes: Sequence[int] | None = None) -> torch.nn.Module:
+    """The plan's loss; a JSON list ``weight`` (per-class weights) becomes a float tensor.
+
+    ``classes``: global class indices, in the order of the channels the loss will see (a site
+    that annotates only some classes trains on fewer channels); a per-class ``weight`` list is
+    restricted to them.
+    """
     cls, kwargs = _resolve("loss", plan.loss, "plan.loss")
+    if classes is not None and isinstance(kwargs.get("weight"), list):
+        if len(kwargs["weight"]) != len(plan.labels):
+            raise PlanError(f"plan.loss.weight: {len(kwargs['weight'])} entries, but the plan names "
+                            f"{len(plan.labels)} classes {plan.labels}")
+        kwargs["weight"] = [kwargs["weight"][c] for c in classes]
     if isinstance(kwargs.get("weight"), list):
         # DiceCELoss registers weight as a buffer, which must be a tensor.
         kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32)
@@ -291,3 +342,25 @@ def initial_weights(plan: Plan, seed: int = 0) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
         network = build_network(plan)
     return {name: t.detach().contiguous().clone() for name, t in network.state_dict().items()}
+
+
+_NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def local_keys(plan: Plan, network: torch.nn.Module | None = None) -> set[str]:
+    """State-dict keys of the groups in ``plan.local.keep_local`` (FedBN's site-kept state).
+
+    ``"norm"``: parameters and buffers of BatchNorm/InstanceNorm/GroupNorm/LayerNorm modules,
+    found by module type, not by name. Without ``network`` one is built on the meta device (no memory).
+    """
+    if not plan.local.keep_local:
+        return set()
+    if network is None:
+        with torch.device("meta"):
+            network = build_network(plan)
+    keys = set()
+    for prefix, module in network.named_modules():
+        if "norm" in plan.local.keep_local and isinstance(module, _NORM_TYPES):
+            for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                keys.add(f"{prefix}.{name}" if prefix else name)
+    return keys & set(network.state_dict())

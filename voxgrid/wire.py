@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from voxgrid.privacy.records import Estimate, LedgerView, Receipt  # noqa: F401  (re-exported for routes and clients)
+
 API_PREFIX = "/v1"
 #: Largest request body a node or grid accepts (weights of big 3D networks fit; 4 GiB does not).
 MAX_BODY_BYTES = 512 * 1024 * 1024
@@ -120,11 +122,29 @@ class JobStatus(Message):
     error: str | None = None
     metrics: Metrics | None = None
     has_update: bool = False
+    privacy: Receipt | None = Field(None, description="the privacy receipt of the released update (train jobs)")
 
     @field_validator("error")
     @classmethod
     def _short_error(cls, v: str | None) -> str | None:
         return v[:2000] if v else v
+
+
+class BudgetSet(Message):
+    """An owner's privacy budget for a dataset: for one scientist, or (scientist None) everyone together."""
+
+    dataset: str
+    scientist: str | None = None
+    epsilon: float = Field(ge=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+
+
+class EstimateRequest(Message):
+    """Ask a node what ``releases`` more train jobs with a filter chain would cost the caller on a dataset."""
+
+    dataset: str
+    privacy: dict | None = Field(None, description="a Plan.privacy value")
+    releases: int = Field(1, ge=1, le=100_000)
 
 
 class TokenIssue(Message):

@@ -1,0 +1,228 @@
+"""``voxgrid node doctor``: check a node (or grid) home and say what is wrong, one line per check.
+
+Each check returns ``ok``, ``warn`` or ``fail`` with a reason a site's IT person can act on. Any
+``fail`` makes the command exit non-zero, so the doctor can gate a service start or a container
+health check. Nothing here changes the home (the writability probe removes its own file).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import shutil
+import sqlite3
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .home import Home, HomeError, ServerConfig
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+CERT_WARN_DAYS = 30
+DISK_WARN_BYTES = 5 * 1024**3
+_ANY_ADDRESS = {"0.0.0.0", "::", ""}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.status.upper():4} {self.name:11} {self.reason}"
+
+
+def _cert_hosts(cert) -> tuple[list[str], list]:
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
+
+
+def _names_host(cert, host: str) -> bool:
+    dns, ips = _cert_hosts(cert)
+    try:
+        return ipaddress.ip_address(host) in ips
+    except ValueError:
+        pass
+    host = host.lower().rstrip(".")
+    for name in (n.lower() for n in dns):
+        if name == host or (name.startswith("*.") and host.split(".", 1)[-1] == name[2:] and "." in host):
+            return True
+    return False
+
+
+def configured_host(cfg: ServerConfig) -> str | None:
+    """The host name clients use: the public URL's host, else the listen address (None for 0.0.0.0)."""
+    if cfg.public_url:
+        return urlsplit(cfg.public_url).hostname
+    return None if cfg.host in _ANY_ADDRESS else cfg.host
+
+
+def check_config(home: Home) -> tuple[Check, ServerConfig | None]:
+    try:
+        cfg = home.load()
+    except (HomeError, OSError) as exc:
+        return Check("config", FAIL, str(exc)), None
+    return Check("config", OK, f"{home.config_file} readable: {cfg.kind} {cfg.name!r}, port {cfg.port}"), cfg
+
+
+def check_certificate(home: Home, cfg: ServerConfig | None, now: dt.datetime | None = None) -> Check:
+    """server.crt is signed by the home's CA, within its validity, and names the configured host."""
+    from cryptography import x509
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    try:
+        ca = x509.load_pem_x509_certificate((home.tls / "ca.crt").read_bytes())
+        cert = x509.load_pem_x509_certificate((home.tls / "server.crt").read_bytes())
+    except (OSError, ValueError) as exc:
+        return Check("certificate", FAIL, f"cannot read TLS certificates in {home.tls}: {exc}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError) as exc:
+        return Check("certificate", FAIL, f"server.crt (issuer {cert.issuer.rfc4514_string()}) was not issued by "
+                                          f"the federation CA in tls/ca.crt ({exc}): a foreign certificate")
+    except Exception as exc:  # cryptography raises InvalidSignature, which is no ValueError
+        return Check("certificate", FAIL, f"server.crt signature does not verify against tls/ca.crt "
+                                          f"({type(exc).__name__}): a foreign certificate")
+    for which, c in (("CA certificate", ca), ("server.crt", cert)):
+        if now < c.not_valid_before_utc:
+            return Check("certificate", FAIL, f"{which} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M}Z")
+        if now >= c.not_valid_after_utc:
+            return Check("certificate", FAIL, f"{which} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M}Z; "
+                                              f"issue a new one ('voxgrid ca issue') and copy it to {home.tls}")
+    host = configured_host(cfg) if cfg else None
+    if host and not _names_host(cert, host):
+        dns, ips = _cert_hosts(cert)
+        return Check("certificate", FAIL, f"server.crt does not name the configured host {host!r} "
+                                          f"(it names {', '.join([*dns, *map(str, ips)]) or 'nothing'})")
+    days = (min(cert.not_valid_after_utc, ca.not_valid_after_utc) - now).days
+    named = f", names {host}" if host else " (listening on all addresses: host name not checked)"
+    if days < CERT_WARN_DAYS:
+        return Check("certificate", WARN, f"expires in {days} days{named}; renew it soon")
+    return Check("certificate", OK, f"issued by the federation CA, valid {days} more days{named}")
+
+
+def check_key(home: Home) -> Check:
+    """server.key is the certificate's private key and readable by its owner only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key_file = home.tls / "server.key"
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((home.tls / "server.crt").read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        return Check("key", FAIL, f"cannot read {key_file}: {exc}")
+    if key.public_key() != cert.public_key():
+        return Check("key", FAIL, f"{key_file} is not the private key of server.crt")
+    mode = key_file.stat().st_mode & 0o777
+    if mode & 0o077:
+        return Check("key", FAIL, f"{key_file} has mode {mode:04o}; it must be 0600 (chmod 600 {key_file})")
+    return Check("key", OK, "matches server.crt, mode 0600")
+
+
+def check_store(home: Home) -> Check:
+    """The SQLite store opens read-write, passes integrity_check, and the home folder is writable."""
+    if not home.db_file.is_file():
+        return Check("store", FAIL, f"{home.db_file} is missing")
+    try:
+        con = sqlite3.connect(f"{home.db_file.as_uri()}?mode=rw", uri=True, timeout=5)
+        try:
+            result = con.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return Check("store", FAIL, f"{home.db_file} does not open: {exc}")
+    if result != "ok":
+        return Check("store", FAIL, f"{home.db_file} integrity_check: {result}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=home.path, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return Check("store", FAIL, f"{home.path} is not writable: {exc}")
+    return Check("store", OK, f"{home.db_file.name} integrity ok, {home.path} writable")
+
+
+def check_grid(home: Home, cfg: ServerConfig | None, timeout: float = 3.0) -> Check:
+    """The grid answers over TLS (federation CA) and accepts this node's grid token."""
+    if cfg is None or cfg.kind != "node":
+        return Check("grid", OK, "not a node: nothing to reach")
+    if not cfg.grid_url:
+        return Check("grid", OK, "no grid configured (scientists connect to this node directly)")
+    token_file = home.path / (cfg.grid_token_file or "grid.token")
+    if not token_file.is_file():
+        return Check("grid", FAIL, f"grid {cfg.grid_url} configured but no grid token at {token_file}")
+    from voxgrid.client import AuthError, GridClient, VoxgridError
+
+    try:
+        with GridClient(cfg.grid_url, token_file.read_text().strip(), home.tls / "ca.crt", timeout=timeout) as g:
+            who = g.whoami()
+    except AuthError as exc:
+        return Check("grid", FAIL, f"grid {cfg.grid_url} refused this node's token: {exc}")
+    except (VoxgridError, OSError) as exc:
+        return Check("grid", FAIL, f"grid {cfg.grid_url} unreachable: {exc}")
+    if who.role != "node" or who.name != cfg.name:
+        return Check("grid", FAIL, f"grid token is {who.role} {who.name!r}, not node {cfg.name!r}: "
+                                   f"the grid will refuse registration")
+    return Check("grid", OK, f"{cfg.grid_url} reachable over TLS, token accepted as node {who.name!r}")
+
+
+def check_gpu(cfg: ServerConfig | None) -> Check:
+    device = cfg.device if cfg else "auto"
+    try:
+        import torch
+    except ImportError as exc:
+        return Check("gpu", FAIL, f"torch does not import: {exc}")
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return Check("gpu", OK, f"{len(names)} CUDA device(s): {', '.join(names)} (device {device})")
+    if device.startswith("cuda"):
+        return Check("gpu", FAIL, f"device {device!r} configured but torch sees no CUDA GPU "
+                                  f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    return Check("gpu", OK, f"no CUDA GPU seen (torch {torch.__version__}); jobs run on the CPU")
+
+
+def check_disk(home: Home, warn_bytes: int = DISK_WARN_BYTES) -> Check:
+    try:
+        free = shutil.disk_usage(home.path).free
+    except OSError as exc:
+        return Check("disk", FAIL, f"cannot stat {home.path}: {exc}")
+    text = f"{free / 1024**3:.1f} GiB free at {home.path}"
+    if free < warn_bytes:
+        return Check("disk", WARN, f"{text} (under {warn_bytes / 1024**3:.0f} GiB)")
+    return Check("disk", OK, text)
+
+
+def diagnose(path: Path | str, kind: str = "node", *, timeout: float = 3.0, gpu: bool = True,
+             now: dt.datetime | None = None) -> list[Check]:
+    """Every check of a home, in order. ``gpu=False`` skips importing torch (the grid needs none)."""
+    home = Home(path, kind)
+    if not home.path.is_dir():
+        return [Check("config", FAIL, f"no {kind} home folder at {home.path}")]
+    config, cfg = check_config(home)
+    checks = [config, check_certificate(home, cfg, now), check_key(home), check_store(home),
+              check_grid(home, cfg, timeout)]
+    if gpu:
+        checks.append(check_gpu(cfg))
+    checks.append(check_disk(home))
+    return checks
+
+
+def failed(checks: list[Check]) -> bool:
+    return any(c.status == FAIL for c in checks)
+
+
+def as_json(checks: list[Check]) -> dict:
+    return {"ok": not failed(checks), "checks": [asdict(c) for c in checks]}
+
+
+def summary(checks: list[Check]) -> str:
+    counts = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL)}
+    return f"{counts[OK]} ok, {counts[WARN]} warn, {counts[FAIL]} fail"
+
