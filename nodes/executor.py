@@ -130,7 +130,13 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -
             key = (req.dataset, ds["fingerprint"], json.dumps(plan.preprocessing, sort_keys=True), tuple(plan.labels))
             data = cache.get(key)
             if data is None:
-                data = prepare(ds["volumes"], site_labels, plan)
+                try:
+                    data = prepare(ds["volumes"], site_labels, plan)
+                except Exception:
+                    # Reader errors name files, series UIDs and descriptions: they stay in the node's log.
+                    log.warning("job %s: loading dataset %s failed: %s", job_id, req.dataset, traceback.format_exc())
+                    raise RuntimeError(f"the volumes of dataset {req.dataset!r} could not be loaded at the node; "
+                                       "its owner can read the reason in the node's log") from None
                 cache = {key: data}  # one dataset at a time: volumes are large
             metrics, delta = run_job(trainer, plan, req.kind, data, tensors.loads(blob), split=req.split,
                                      evaluate=req.evaluate, seed=req.seed, local_state=local_state,

@@ -34,11 +34,12 @@ from .store import NodeStore, new_job_id
 log = logging.getLogger("voxgrid.node")
 
 _PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,]+)+")
+_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # DICOM UIDs: dotted digit strings
 
 
 def redact(text: str) -> str:
-    """Strip file paths from a message before it leaves the node (invariant 1)."""
-    return _PATH_RE.sub("<path>", text)
+    """Strip file paths and DICOM UIDs from a message before it leaves the node (invariant 1)."""
+    return _UID_RE.sub("<uid>", _PATH_RE.sub("<path>", text))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

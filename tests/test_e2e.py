@@ -210,6 +210,28 @@ def test_grid_roles_are_enforced(federation):
         as_node.register(other)  # a node cannot pose as another
 
 
+def test_a_job_on_damaged_data_fails_without_leaking_paths_or_uids(federation, tmp_path):
+    import shutil
+
+    from voxgrid.nodes import admin
+
+    src = federation.root / "data" / "site-a"
+    shutil.copytree(src, tmp_path / "copy")
+    admin.add_dataset(federation.nodes[0].home, "damaged", tmp_path / "copy" / "images", tmp_path / "copy" / "labels",
+                      tags=["ct", "damaged"], label_names={1: "pancreas"}, splits=(0.5, 0.25, 0.25))
+    for f in sorted((tmp_path / "copy" / "images").rglob("*.dcm"))[::7]:
+        f.write_bytes(f.read_bytes()[:300])  # truncated after registration, as a failing disk would
+    direct = voxgrid.connect(nodes=[federation.nodes[0].url], token=federation.scientist_token, ca=federation.ca_cert)
+    p = direct.search("#damaged")[0]  # straight to the node: the grid learns of it at the next registration
+    ref = p.client.put_weights(tensors.dumps(initial_weights(plan())))
+    st = p.client.submit(_job(p, ref.weights_id, dataset="damaged", experiment_id="damaged"))
+    while st.state in ("queued", "running"):
+        st = p.client.job(st.job_id, wait=10)
+    assert st.state == "failed" and "could not be loaded" in st.error
+    assert str(tmp_path) not in st.error and ".dcm" not in st.error and "1.2." not in st.error
+    assert p.client.health().status == "ok"
+
+
 def test_a_node_killed_mid_round_is_dropped_and_serves_again_after_restart(federation):
     grid = federation.connect()
     ptrs = grid.search("#ct", "#pancreas")
