@@ -65,12 +65,23 @@ def serve_node(home: Home, host: str | None = None, port: int | None = None) -> 
         _write_run_file(home, url)
         log.info("node %s listening on %s", cfg.name, url)
         if cfg.grid_url:
-            threading.Thread(target=register_with_grid, args=(service,), daemon=True).start()
+            threading.Thread(target=_keep_registered, args=(service,), daemon=True, name="grid-heartbeat").start()
 
     try:
         _serve(create_app(service), home, host, port, listening)
     finally:
         service.close()
+
+
+#: Seconds between re-registrations: datasets added while the node runs reach the grid this quickly.
+HEARTBEAT_S = float(os.environ.get("VOXGRID_HEARTBEAT_S", "30"))
+
+
+def _keep_registered(service) -> None:
+    register_with_grid(service)
+    while True:
+        time.sleep(HEARTBEAT_S)
+        register_with_grid(service, attempts=1)
 
 
 def register_with_grid(service, attempts: int = 30) -> bool:

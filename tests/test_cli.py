@@ -122,6 +122,7 @@ def test_scripted_grid_and_node_start_register_and_serve(site, tmp_path):
                 vx("node", "register", "--home", home, "--grid", f"https://127.0.0.1:{gport}", "--grid-token-file",
                    tmp_path / "node-a.grid.token", check=False)  # sets the grid; the node is not running yet
             procs.append(subprocess.Popen([sys.executable, "-m", "voxgrid", kind, "start", "--home", str(home)],
+                                          env=dict(os.environ, VOXGRID_HEARTBEAT_S="1"),
                                           stdout=open(tmp_path / f"{kind}.log", "w"), stderr=subprocess.STDOUT,
                                           start_new_session=True))
             deadline = time.monotonic() + 60
@@ -136,6 +137,13 @@ def test_scripted_grid_and_node_start_register_and_serve(site, tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()
             time.sleep(0.1)
         assert sorted(p.name for p in grid.search("#dicom")) == ["pancreas-dcm"]
+        # A dataset added while the node runs reaches the grid with the node's next heartbeat.
+        vx("node", "dataset", "add", "--home", site / "home", "--name", "late", "--images", site / "nifti" / "images",
+           "--labels", site / "nifti" / "labels", "--tags", "ct,late", "--label-names", "1=pancreas,2=tumor")
+        deadline = time.monotonic() + 30
+        while not grid.search("#late"):
+            assert time.monotonic() < deadline, "the grid never learned of the new dataset"
+            time.sleep(0.2)
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
