@@ -37,9 +37,12 @@ class Executor:
         self._lock = threading.Lock()
         self._inflight: dict[str, dict] = {}
         self._closing = False
+        #: Set once the worker has done its imports and can take a job at once.
+        self.ready = threading.Event()
         self._start()
 
     def _start(self) -> None:
+        self.ready.clear()
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited server threads or sockets
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=worker_main, args=(child, self.device, self.threads, self.state_dir),
@@ -61,6 +64,9 @@ class Executor:
         while True:
             try:
                 msg = json.loads(conn.recv_bytes())
+                if msg.get("event") == "ready":
+                    self.ready.set()
+                    continue
                 if msg.get("event") == "done":
                     msg["update"] = conn.recv_bytes() if msg.get("has_update") else None
             except (EOFError, OSError):
@@ -106,6 +112,7 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -
     from voxgrid.plan import Plan
     from voxgrid.privacy import PrivacySpec
     from voxgrid.privacy.mechanisms import apply_filters, secure_generator
+    from voxgrid import components
     from voxgrid.wire import JobRequest
 
     from .local_state import LocalState
@@ -113,6 +120,9 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -
 
     trainer = Trainer(pick_device(device))
     local_state = LocalState(state_dir)
+    for kind in ("network", "loss", "optimizer", "transform"):  # the allowlist's imports, before any job waits
+        components.table(kind)
+    conn.send_bytes(json.dumps({"event": "ready", "device": trainer.device.type}).encode())
     cache: dict[tuple, object] = {}
     while True:
         try:

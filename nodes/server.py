@@ -62,6 +62,9 @@ def serve_node(home: Home, host: str | None = None, port: int | None = None) -> 
     def listening(bound: int):
         cfg.host, cfg.port = host, bound
         url = service.public_url()
+        # Ready means ready to train: a job sent now must not wait for the worker's imports.
+        if not service.executor.ready.wait(timeout=300):
+            log.error("the executor is not ready after 300 s; serving anyway")
         _write_run_file(home, url)
         log.info("node %s listening on %s", cfg.name, url)
         if cfg.grid_url:
