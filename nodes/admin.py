@@ -78,6 +78,19 @@ def assign_splits(case_ids: list[str], fractions: tuple[float, float, float], se
     return out
 
 
+def _check_volumes(sources, names: dict[int, str], allow_resample: bool = False) -> None:
+    """Read every volume once: a corrupt file or a label map that does not fit its image is refused now,
+    naming the case, rather than failing a job later."""
+    for src in sources:
+        vol = load_volume(src, allow_resample=allow_resample)
+        if vol.label is not None:
+            unknown = sorted({int(v) for v in vol.label.ravel().tolist()} - set(names) - {0}) \
+                if vol.label.size < 50_000_000 else []
+            if unknown:
+                raise VolumeError(f"case {src.case_id}: label map has values {unknown} that --label-names "
+                                  f"does not name (named: {names})")
+
+
 def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tags: list[str],
                 label_names: str | dict, splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
                 description: str = "", modality: str = "CT", replace: bool = False, seed: int = 0,
@@ -98,14 +111,7 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
     names = parse_label_names(label_names)
     sources = scan_folder(Path(images), Path(labels) if labels else None)
     if check:
-        for src in sources:
-            vol = load_volume(src)
-            if vol.label is not None:
-                unknown = sorted(set(int(v) for v in vol.label.ravel().tolist()) - set(names) - {0}) \
-                    if vol.label.size < 50_000_000 else []
-                if unknown:
-                    raise VolumeError(f"case {src.case_id}: label map has values {unknown} that --label-names "
-                                      f"does not name (named: {names})")
+        _check_volumes(sources, names)
     split_of = assign_splits([s.case_id for s in sources], tuple(splits), seed)
     records = [VolumeRecord(s.case_id, str(Path(s.image).resolve()),
                             str(Path(s.label).resolve()) if s.label else None, s.kind, split_of[s.case_id])
@@ -203,3 +209,151 @@ def set_grid(path: Path, grid_url: str, grid_token_file: Path) -> None:
     home.write_secret(home.path / "grid.token", token)
     cfg.grid_url, cfg.grid_token_file = grid_url, "grid.token"
     home.save(cfg)
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_pacs_source(source: str) -> dict:
+    """``dicomweb+https://host:port/dicom-web`` (``dicomweb+http://`` only for a loopback PACS) or
+    ``dimse://CALLEDAE@host:port`` -> the arguments of the matching pull, with clear errors."""
+    from urllib.parse import urlsplit
+
+    scheme, sep, rest = source.partition("://")
+    try:
+        parts = urlsplit(source)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"PACS source {source!r}: {exc}") from None
+    if sep and scheme in ("dicomweb+https", "dicomweb+http"):
+        if not parts.hostname:
+            raise ValueError(f"PACS source {source!r} names no host")
+        if scheme == "dicomweb+http" and parts.hostname not in _LOOPBACK:
+            raise ValueError(f"PACS source {source!r}: plain HTTP is only accepted for a PACS on this machine "
+                             f"(127.0.0.1/localhost); use dicomweb+https://")
+        if parts.username or parts.password:
+            raise ValueError("PACS source: put no credentials in the URL; use --pacs-user and --pacs-password-file")
+        return {"protocol": "dicomweb", "url": f"{scheme[len('dicomweb+'):]}://{rest}"}
+    if sep and scheme == "dimse":
+        called_ae = parts.username or ""
+        if not called_ae or parts.password is not None or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or len(called_ae) > 16:
+            raise ValueError(f"PACS source {source!r} is not of the form dimse://CALLEDAE@host:port "
+                             f"(AE title up to 16 characters)")
+        return {"protocol": "dimse", "host": parts.hostname, "port": port, "called_ae": called_ae}
+    raise ValueError(f"PACS source {source!r} must start with dicomweb+https://, dicomweb+http:// (loopback only) "
+                     f"or dimse://CALLEDAE@host:port")
+
+
+def pull_pacs(source: str, cache: Path, query, *, username: str | None = None, password_file: Path | None = None,
+              calling_ae: str = "VOXGRID", timeout: float = 30.0):
+    """Pull the series `query` matches from `source` into `cache` (resumable); returns the PullReport.
+    Raises PacsError subclasses (PacsUnavailable, PacsAuthError, PacsTransferError) as the pull does."""
+    from voxgrid.datasets.pacs import pull_dicomweb, pull_dimse
+
+    where = parse_pacs_source(source)
+    password = None
+    if password_file is not None:
+        password = Path(password_file).read_text().rstrip("\r\n")
+    if where["protocol"] == "dicomweb":
+        if password is not None and username is None:
+            raise ValueError("--pacs-password-file needs --pacs-user")
+        return pull_dicomweb(where["url"], cache, query, username=username, password=password, timeout=timeout)
+    if username is not None or password is not None:
+        raise ValueError("a DIMSE PACS takes no user or password: it knows this node by its AE title (--calling-ae)")
+    if not calling_ae or len(calling_ae) > 16:
+        raise ValueError(f"calling AE title {calling_ae!r} must be 1 to 16 characters")
+    return pull_dimse(where["host"], where["port"], cache, query, called_ae=where["called_ae"],
+                      calling_ae=calling_ae, timeout=timeout)
+
+
+def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str | None = None,
+                          password_file: Path | None = None, calling_ae: str = "VOXGRID", query,
+                          rules=None, labels: Path | None = None, tags: list[str], label_names: str | dict,
+                          splits: tuple[float, float, float] = (0.6, 0.2, 0.2), description: str = "",
+                          replace: bool = False, allow_resample: bool = False, seed: int = 0,
+                          timeout: float = 30.0) -> dict:
+    """Pull the series `query` matches from a PACS into ``HOME/cache/pacs/<name>/`` (resumable: what is
+    already there is not downloaded again), keep the ones `rules` accept (one volume per series, case id
+    ``series-<hash>``, no UID), read each once with its label map ``labels/<case_id>.nii.gz`` and register
+    them as a dataset. Without `labels` the pull is kept but nothing is registered (jobs need labels): a
+    ValueError lists the case ids to annotate. A PACS failure raises its PacsError and leaves the
+    registry as it was. Returns a summary of counts only (no UIDs, descriptions, paths or names)."""
+    from voxgrid.datasets import SeriesRules, VolumeSource, scan_dicom_export
+    from voxgrid.datasets.folder import _find_label
+    from voxgrid.datasets.pacs import PacsQuery, series_folder
+
+    home = Home(path, "node")
+    home.load()
+    # Everything checkable is checked before the pull, so a typo does not cost a download.
+    if not NAME_RE.match(name):
+        raise ValueError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    tag_list = sorted({normalise_tag(t) for t in tags})
+    if not tag_list:
+        raise ValueError("give the dataset at least one tag, e.g. --tags ct,pancreas")
+    names = parse_label_names(label_names)
+    if not isinstance(query, PacsQuery):
+        raise TypeError(f"query must be a PacsQuery, got {type(query).__name__}")
+    query.study_date()  # validates the dates
+    assign_splits(["a", "b", "c"], tuple(splits), seed)  # validates the fractions
+    parse_pacs_source(source)
+    if labels is not None and not Path(labels).is_dir():
+        raise VolumeError(f"label folder {labels} does not exist or is not a folder")
+    if password_file is not None and not Path(password_file).is_file():
+        raise FileNotFoundError(f"PACS password file {password_file} does not exist")
+    if rules is None:
+        rules = SeriesRules(modalities=(query.modality,) if query.modality else ())
+    store = NodeStore(home.db_file)
+    try:
+        if store.dataset(name) is not None and not replace:
+            raise ValueError(f"dataset {name!r} already exists (use --replace to rebuild it)")
+    finally:
+        store.close()
+
+    cache = home.cache / "pacs" / name
+    cache.mkdir(parents=True, exist_ok=True)
+    report = pull_pacs(source, cache, query, username=username, password_file=password_file,
+                       calling_ae=calling_ae, timeout=timeout)
+    if report.series == 0:
+        raise ValueError(f"the PACS holds no series that the query matches ({report.studies} studies); "
+                         f"nothing registered")
+    # Only the series this query matched: the cache may hold series of an earlier, different query.
+    pulled = {Path(f).name for f in report.folders}  # series-<hash>: the case id of that series
+    sources, summaries = scan_dicom_export(cache, rules)
+    summaries = [s for s in summaries if series_folder(cache, s.uid).name in pulled]
+    sources = [s for s in sources if s.case_id in pulled]
+    if not sources:
+        raise VolumeError(f"none of the {len(summaries)} series pulled passes the series rules "
+                          f"(skipped: {sorted({str(s.skipped) for s in summaries})}); nothing registered")
+    if labels is None:
+        ids = [s.case_id for s in sources]
+        shown = ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
+        raise ValueError(f"dataset {name!r} not registered: training jobs need a label map per volume and no "
+                         f"--labels was given. The {len(ids)} accepted series are pulled into {cache} (case ids: "
+                         f"{shown}); write <case_id>.nii.gz label maps into a folder and run this again with "
+                         f"--labels FOLDER (nothing already pulled is downloaded again)")
+    with_labels = []
+    for s in sources:
+        label = _find_label(Path(labels), s.case_id)
+        if label is None:
+            raise VolumeError(f"case {s.case_id!r} has no label map {s.case_id}.nii.gz in {labels}")
+        # The series' own cache folder: reading it does not scan the headers of every other series.
+        with_labels.append(VolumeSource(case_id=s.case_id, image=series_folder(cache, s.series_uid), label=label,
+                                        kind="dicom", series_uid=s.series_uid))
+    _check_volumes(with_labels, names, allow_resample=allow_resample)
+
+    split_of = assign_splits([s.case_id for s in with_labels], tuple(splits), seed)
+    records = [VolumeRecord(s.case_id, str(Path(s.image).resolve()), str(Path(s.label).resolve()), s.kind,
+                            split_of[s.case_id], s.series_uid, allow_resample) for s in with_labels]
+    modalities = sorted({s.modality for s in summaries if s.accepted and s.modality})
+    store = NodeStore(home.db_file)
+    try:
+        store.add_dataset(name, description=description, tags=tag_list, modality="/".join(modalities) or "OT",
+                          label_names=names, volumes=records, replace=replace)
+    finally:
+        store.close()
+    return {"name": name, "volumes": len(records), "tags": tag_list,
+            "splits": {s: sum(r.split == s for r in records) for s in SPLITS},
+            "pull": report.public(),
+            "series": {"found": len(summaries), "accepted": len(records),
+                       "skipped": [s.public() for s in summaries if not s.accepted]}}

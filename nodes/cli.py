@@ -77,10 +77,36 @@ def _add_token(sub, kind: str, default_role: str) -> None:
 
 
 def _dataset_add(args) -> None:
+    if args.pacs:
+        return _dataset_add_pacs(args)
+    pacs_only = [flag for flag, value in (("--pacs-user", args.pacs_user), ("--pacs-password-file",
+                 args.pacs_password_file), ("--calling-ae", args.calling_ae), ("--study-description",
+                 args.study_description), ("--since", args.since), ("--until", args.until),
+                 ("--min-slices", args.min_slices), ("--allow-resample", args.allow_resample)) if value]
+    if pacs_only:
+        raise ValueError(f"{', '.join(pacs_only)} only apply with --pacs")
     summary = admin.add_dataset(args.home, args.name, args.images, args.labels, tags=args.tags.split(","),
                                 label_names=args.label_names, splits=_floats(args.splits),
-                                description=args.description, modality=args.modality, replace=args.replace,
-                                seed=args.seed)
+                                description=args.description, modality=args.modality or "CT",
+                                replace=args.replace, seed=args.seed)
+    print(json.dumps(summary))
+
+
+def _dataset_add_pacs(args) -> None:
+    from voxgrid.datasets import SeriesRules
+    from voxgrid.datasets.pacs import PacsError, PacsQuery
+
+    query = PacsQuery(modality=args.modality, study_description=args.study_description,
+                      study_date_from=args.since, study_date_to=args.until)
+    rules = SeriesRules(modalities=(args.modality,) if args.modality else (), min_slices=args.min_slices or 1)
+    try:
+        summary = admin.add_dataset_from_pacs(
+            args.home, args.name, source=args.pacs, username=args.pacs_user, password_file=args.pacs_password_file,
+            calling_ae=args.calling_ae or "VOXGRID", query=query, rules=rules, labels=args.labels,
+            tags=args.tags.split(","), label_names=args.label_names, splits=_floats(args.splits),
+            description=args.description, replace=args.replace, allow_resample=args.allow_resample, seed=args.seed)
+    except PacsError as exc:  # exit 2 with the server and the step named; the registry is untouched
+        raise ConnectionError(f"PACS pull failed, dataset {args.name!r} not changed: {exc}") from None
     print(json.dumps(summary))
 
 
@@ -190,18 +216,35 @@ def register(sub) -> None:
                                                                                                required=True)
     _add_init(node, "node")
     ds = node.add_parser("dataset", help="datasets of the node").add_subparsers(dest="ds_cmd", required=True)
-    p = ds.add_parser("add", help="register a folder of NIfTI images (+labels) or DICOM series as a dataset")
+    p = ds.add_parser("add", help="register a folder of NIfTI images (+labels), DICOM series, or series pulled "
+                                  "from a PACS as a dataset")
     _home_arg(p, "node")
     p.add_argument("--name", required=True)
-    p.add_argument("--images", required=True, type=Path, help="NIfTI files, or one subfolder per DICOM series")
-    p.add_argument("--labels", type=Path, help="NIfTI label maps named like the images (<case>.nii.gz)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="NIfTI files, or one subfolder per DICOM series")
+    src.add_argument("--pacs", metavar="SOURCE",
+                     help="pull from a PACS into HOME/cache/pacs/NAME (resumable): dicomweb+https://host:port/dicom-web "
+                          "(dicomweb+http:// for a PACS on this machine) or dimse://CALLEDAE@host:port")
+    p.add_argument("--labels", type=Path, help="NIfTI label maps named like the images (<case>.nii.gz); with --pacs "
+                                               "<case> is series-<hash> (a run without --labels lists them)")
     p.add_argument("--tags", required=True, help="comma-separated, e.g. ct,pancreas")
     p.add_argument("--label-names", required=True, help="label values, e.g. 1=pancreas,2=tumor")
     p.add_argument("--splits", default="0.6,0.2,0.2", help="train,val,test fractions")
     p.add_argument("--description", default="")
-    p.add_argument("--modality", default="CT")
+    p.add_argument("--modality", help="dataset modality (default CT); with --pacs: the series modality to pull "
+                                      "and accept (default: any)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
     p.add_argument("--replace", action="store_true", help="rebuild an existing dataset of that name")
+    g = p.add_argument_group("PACS (with --pacs)")
+    g.add_argument("--pacs-user", help="DICOMweb user name")
+    g.add_argument("--pacs-password-file", type=Path, help="file holding the DICOMweb password")
+    g.add_argument("--calling-ae", help="this node's AE title, known to the PACS (DIMSE; default VOXGRID)")
+    g.add_argument("--study-description", help="DICOM wildcard match, e.g. '*ABD*'")
+    g.add_argument("--since", help="first study date, YYYYMMDD")
+    g.add_argument("--until", help="last study date, YYYYMMDD")
+    g.add_argument("--min-slices", type=int, help="skip series with fewer slices")
+    g.add_argument("--allow-resample", action="store_true",
+                   help="resample series with uneven gaps or gantry tilt instead of refusing them")
     p.set_defaults(func=_dataset_add)
     p = ds.add_parser("list", help="published metadata of each dataset")
     _home_arg(p, "node")

@@ -278,7 +278,8 @@ class NodeService:
     def _dispatch(self, job_id: str, req: JobRequest) -> None:
         ds = self.store.dataset(req.dataset)
         vols = [v.__dict__ for v in ds.volumes]
-        fingerprint = hashlib.sha256(repr(sorted((v["case_id"], v["image"], v["split"]) for v in vols)).encode())
+        # Everything that changes what the worker loads: a re-registered dataset must not hit a stale cache.
+        fingerprint = hashlib.sha256(repr(sorted(sorted(v.items()) for v in vols)).encode())
         if self.executor is None:
             raise ServiceError("this node has no executor")
         weights = self._weights_blob(req.weights_id)

@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     label TEXT,
     kind TEXT NOT NULL,
     split TEXT NOT NULL,
+    series_uid TEXT,
+    resample INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset, case_id)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -49,6 +51,8 @@ class VolumeRecord:
     label: str | None
     kind: str
     split: str
+    series_uid: str | None = None  # DICOM: which series of the image folder (None: the folder's only one)
+    allow_resample: bool = False  # DICOM: uneven gaps / gantry tilt were accepted (resampled) at registration
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,21 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+# Columns added after the first release: (name, declaration) for node.db files created before them.
+_VOLUME_COLUMNS = (("series_uid", "TEXT"), ("resample", "INTEGER NOT NULL DEFAULT 0"))
+
+
 class NodeStore(Database):
     def __init__(self, path: Path):
         super().__init__(path, SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.transaction() as c:
+            have = {r["name"] for r in c.execute("PRAGMA table_info(volumes)").fetchall()}
+            for column, decl in _VOLUME_COLUMNS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE volumes ADD COLUMN {column} {decl}")
 
     # registry ----------------------------------------------------------------------------------
     def add_dataset(self, name: str, *, description: str, tags: list[str], modality: str,
@@ -107,8 +123,10 @@ class NodeStore(Database):
             c.execute("INSERT INTO datasets VALUES (?,?,?,?,?,?)",
                       (name, description, json.dumps(tags), modality,
                        json.dumps({str(k): v for k, v in label_names.items()}), now()))
-            c.executemany("INSERT INTO volumes VALUES (?,?,?,?,?,?)",
-                          [(name, v.case_id, v.image, v.label, v.kind, v.split) for v in volumes])
+            c.executemany("INSERT INTO volumes (dataset, case_id, image, label, kind, split, series_uid, resample) "
+                          "VALUES (?,?,?,?,?,?,?,?)",
+                          [(name, v.case_id, v.image, v.label, v.kind, v.split, v.series_uid, int(v.allow_resample))
+                           for v in volumes])
         self.audit("owner", "dataset.add", f"{name}: {len(volumes)} volumes, tags {tags}")
 
     def remove_dataset(self, name: str) -> None:
@@ -123,7 +141,8 @@ class NodeStore(Database):
         if not rows:
             return None
         r = rows[0]
-        vols = [VolumeRecord(v["case_id"], v["image"], v["label"], v["kind"], v["split"]) for v in self.query(
+        vols = [VolumeRecord(v["case_id"], v["image"], v["label"], v["kind"], v["split"], v["series_uid"],
+                             bool(v["resample"])) for v in self.query(
             "SELECT * FROM volumes WHERE dataset=? ORDER BY case_id", (name,))]
         return DatasetRecord(r["name"], r["description"], json.loads(r["tags"]), r["modality"],
                              {int(k): v for k, v in json.loads(r["label_names"]).items()}, vols)

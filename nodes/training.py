@@ -50,7 +50,9 @@ def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan) -> Pre
     lut = label_lut(site_labels, plan)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for v in volumes:
-        vol = load_volume(VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"]))
+        source = VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"],
+                              series_uid=v.get("series_uid"))
+        vol = load_volume(source, allow_resample=bool(v.get("allow_resample", False)))
         if vol.label is None:
             raise ValueError(f"volume {v['case_id']} has no label map; training needs labels")
         affine = torch.as_tensor(vol.affine, dtype=torch.float64)
