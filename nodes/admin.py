@@ -91,6 +91,18 @@ def _check_volumes(sources, names: dict[int, str], allow_resample: bool = False)
                                   f"does not name (named: {names})")
 
 
+def _dataset_basics(path: Path, name: str, tags: list[str], label_names) -> tuple[Home, list[str], dict[int, str]]:
+    """The node home, normalised tags and label names of a dataset about to be added; clear errors."""
+    home = Home(path, "node")
+    home.load()
+    if not NAME_RE.match(name):
+        raise ValueError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    tag_list = sorted({normalise_tag(t) for t in tags})
+    if not tag_list:
+        raise ValueError("give the dataset at least one tag, e.g. --tags ct,pancreas")
+    return home, tag_list, parse_label_names(label_names)
+
+
 def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tags: list[str],
                 label_names: str | dict, splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
                 description: str = "", modality: str = "CT", replace: bool = False, seed: int = 0,
@@ -101,14 +113,7 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
     image is refused now, naming the case, rather than failing a job later.
     Returns a summary: name, volume count per split.
     """
-    home = Home(path, "node")
-    home.load()
-    if not NAME_RE.match(name):
-        raise ValueError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-'")
-    tag_list = sorted({normalise_tag(t) for t in tags})
-    if not tag_list:
-        raise ValueError("give the dataset at least one tag, e.g. --tags ct,pancreas")
-    names = parse_label_names(label_names)
+    home, tag_list, names = _dataset_basics(path, name, tags, label_names)
     sources = scan_folder(Path(images), Path(labels) if labels else None)
     if check:
         _check_volumes(sources, names)
@@ -283,15 +288,8 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
     from voxgrid.datasets.folder import _find_label
     from voxgrid.datasets.pacs import PacsQuery, series_folder
 
-    home = Home(path, "node")
-    home.load()
     # Everything checkable is checked before the pull, so a typo does not cost a download.
-    if not NAME_RE.match(name):
-        raise ValueError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-'")
-    tag_list = sorted({normalise_tag(t) for t in tags})
-    if not tag_list:
-        raise ValueError("give the dataset at least one tag, e.g. --tags ct,pancreas")
-    names = parse_label_names(label_names)
+    home, tag_list, names = _dataset_basics(path, name, tags, label_names)
     if not isinstance(query, PacsQuery):
         raise TypeError(f"query must be a PacsQuery, got {type(query).__name__}")
     query.study_date()  # validates the dates
