@@ -223,7 +223,9 @@ def test_every_strategy_rebuilds_from_its_json_config():
     with pytest.raises(ValueError, match="bad parameters"):
         from_config({"name": "fedprox", "gamma": 1})
     with pytest.raises(ValueError, match="keeps no state"):
-        Strategy().load_state_dict(StrategyState(meta={"x": 1}))
+        FedAvg().load_state_dict(StrategyState(meta={"x": 1}))  # the base class's default: no state
+    with pytest.raises(TypeError, match="abstract"):
+        Strategy()  # a rule must say how it aggregates
 
 
 def test_checkpoint_carries_strategy_state_and_resume_restores_it(tmp_path):

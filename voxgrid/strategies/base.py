@@ -7,6 +7,7 @@ so every strategy maps ``(global weights, updates) -> new global weights``.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -54,7 +55,7 @@ class StrategyState:
     meta: dict = field(default_factory=dict)
 
 
-class Strategy:
+class Strategy(ABC):
     """Base class: subclasses implement :meth:`aggregate`.
 
     Subclasses are dataclasses whose init fields are their hyper-parameters; :meth:`config`
@@ -63,8 +64,9 @@ class Strategy:
 
     name = "strategy"
 
+    @abstractmethod
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
-        raise NotImplementedError
+        """The new global weights from the current ones and this round's updates."""
 
     def configure_plan(self, plan: Plan) -> Plan:
         """The plan the nodes should run: lets a strategy set client-side options (``plan.local``).

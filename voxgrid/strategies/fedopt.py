@@ -14,6 +14,7 @@ Integer buffers and batch-norm running statistics get the plain average instead.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,8 +43,9 @@ class _FedOpt(Strategy):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and good):
                 raise ValueError(f"{type(self).__name__}: invalid {arg}={v!r} (need lr > 0, 0 <= beta < 1, tau > 0)")
 
+    @abstractmethod
     def second_moment(self, v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The new second moment from the previous one ``v`` and the squared pseudo-gradient ``g2``."""
 
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
         delta = weighted_delta(updates, sample_weights(updates))
