@@ -117,6 +117,7 @@ class Experiment:
         # weights id last uploaded to each node URL: the weights scored after round r are the ones
         # round r + 1 trains from, so each node gets those bytes once, not twice.
         self._sent_weights: dict[str, str] = {}
+        self._blob_cache: tuple[StateDict, bytes, str] | None = None
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, rounds: int | None = None, progress: bool = True, on_round=None) -> list[RoundResult]:
@@ -144,8 +145,7 @@ class Experiment:
     def run_round(self) -> RoundResult:
         rnd = len(self.history)
         t0 = time.perf_counter()
-        blob = tensors.dumps(self.global_weights)
-        wid = tensors.digest(blob)  # once per round, not once per node
+        blob, wid = self._global_blob()
         with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
             outcomes = list(pool.map(lambda p: self._train_one(p, rnd, blob, wid), self.pointers))
         ok = [(p, st, upd) for p, (st, upd, err) in zip(self.pointers, outcomes) if err is None]
@@ -225,9 +225,17 @@ class Experiment:
         except (VoxgridError, TimeoutError, ValueError, OSError) as exc:
             return None, None, f"{type(exc).__name__}: {exc}"
 
+    def _global_blob(self) -> tuple[bytes, str]:
+        """The global weights as safetensors and their digest, made once per weight set: scoring,
+        checkpointing and the next round's upload all send the same bytes. The weights are always
+        replaced (never changed in place), so the dict's identity says whether they changed."""
+        if self._blob_cache is None or self._blob_cache[0] is not self.global_weights:
+            blob = tensors.dumps(self.global_weights)
+            self._blob_cache = (self.global_weights, blob, tensors.digest(blob))
+        return self._blob_cache[1], self._blob_cache[2]
+
     def _score(self, rnd: int, sites: list[SiteResult], split: str = "test") -> None:
-        blob = tensors.dumps(self.global_weights)
-        wid = tensors.digest(blob)
+        blob, wid = self._global_blob()
 
         def one(p: DatasetPointer):
             try:
@@ -325,7 +333,7 @@ class Experiment:
         folder.mkdir(parents=True, exist_ok=True)
         n = len(self.history)
         weights = folder / f"round-{n:04d}.safetensors"
-        weights.write_bytes(tensors.dumps(self.global_weights))
+        weights.write_bytes(self._global_blob()[0])
         state = self.results() | {"completed_rounds": n, "weights": weights.name, "min_nodes": self.min_nodes,
                                   "job_timeout": self.job_timeout, "evaluate": self.evaluate, "seed": self.seed,
                                   "target_rounds": self.rounds, "select": self.select,
