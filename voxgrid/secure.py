@@ -1,0 +1,137 @@
+"""A secure round, scientist side: the experiment relays keys and shares and learns only the sum.
+
+The protocol is :mod:`voxgrid.privacy.secagg` (pairwise masks, Shamir shares for dropouts).
+One round, with every call to a node in parallel:
+
+1. keys: each node makes fresh key pairs and signs them with its federation identity;
+2. shares: each node checks everyone's keys and splits its secrets for the others;
+3. train: each node runs its job, then masks its weighted update with the shares relayed to it;
+4. reveal: the nodes that sent a masked update reveal the shares needed to cancel the masks.
+
+A node that fails at any step is dropped; the sum is recovered as long as ``threshold`` nodes
+stay to the end. The aggregator then divides the weighted sum by the total weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from voxgrid.client import VoxgridError
+from voxgrid.pointers import DatasetPointer
+from voxgrid.privacy.secagg import SecAggConfig, SecAggError, SecAggServer, unpack_words
+from voxgrid.tensors import StateDict, unflatten
+from voxgrid.wire import JobStatus, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, SecureAggregation
+
+#: Largest magnitude of an update entry (after weighting: per unit of weight) that the ring holds.
+#: Deltas of a round are orders of magnitude smaller; the 64-bit ring keeps ~1e-13 resolution.
+DEFAULT_CLIP = 1e3
+
+
+def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | None) -> int:
+    """Refuse what secure aggregation cannot do; returns the threshold (default: a majority, at least 2)."""
+    if strategy.secure_weight is None:
+        raise ValueError(f"strategy {strategy.name!r} cannot run with secure aggregation: {strategy.secure_refusal}")
+    nodes = [p.node for p in pointers]
+    if len(nodes) < 2:
+        raise ValueError("secure aggregation needs at least 2 nodes: with one, the sum is that node's update")
+    twice = sorted({n for n in nodes if nodes.count(n) > 1})
+    if twice:
+        raise ValueError(f"secure aggregation takes one dataset per node (a node is one party of the sum); "
+                         f"{twice} appear more than once")
+    t = SecAggConfig.default_threshold(len(nodes)) if threshold is None else threshold
+    try:  # the protocol's own rule: 2 <= t <= n and t > n / 2
+        SecAggConfig(experiment_id="check", round=0, nodes=tuple(nodes), threshold=t)
+    except SecAggError as exc:
+        raise ValueError(f"threshold={threshold}: {exc}") from None
+    return t
+
+
+@dataclass
+class SecureOutcome:
+    """What a secure round gives the experiment: per pointer (status, error), and the mean delta."""
+
+    outcomes: list[tuple[JobStatus | None, str | None]]
+    mean_delta: StateDict | None = None
+    error: str | None = None
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _parallel(fn: Callable, items: list) -> list:
+    """``fn`` over ``items`` in threads; each result is (value, None) or (None, "Type: message")."""
+    def safe(x):
+        try:
+            return fn(x), None
+        except (VoxgridError, SecAggError, TimeoutError, ValueError, OSError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(safe, items))
+
+
+def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPointer], like: StateDict,
+                 run_job: Callable[[DatasetPointer, SecureAggregation], JobStatus]) -> SecureOutcome:
+    """Run one secure round; ``run_job(pointer, secure)`` submits the train job and waits for it."""
+    secure = SecureAggregation(config=config.to_json(), weight=weight)
+    server = SecAggServer(config)
+    errors: dict[str, str] = {}
+    alive = list(pointers)
+
+    def step(name: str, fn: Callable, items: list) -> list:
+        results = _parallel(fn, items)
+        kept = []
+        for p, (value, err) in zip(items, results):
+            if err is None:
+                kept.append((p, value))
+            else:
+                errors[p.node] = f"{name}: {err}"
+        return kept
+
+    for p, keys in step("keys", lambda p: p.client.secagg_keys(SecAggKeysRequest(dataset=p.name, secure=secure)),
+                        alive):
+        try:
+            server.add_keys(keys)
+        except SecAggError as exc:
+            errors[p.node] = f"keys: {exc}"
+    alive = [p for p in alive if p.node not in errors]
+    roster = server.roster()
+    shared = step("shares", lambda p: p.client.secagg_shares(
+        SecAggSharesRequest(experiment_id=config.experiment_id, round=config.round, roster=roster)), alive)
+    sharers = []
+    for p, shares in shared:  # one node's bad shares drop that node, not the round
+        try:
+            server.route(shares)
+            sharers.append(p)
+        except SecAggError as exc:
+            errors[p.node] = f"shares: {exc}"
+    inboxes = server.inboxes()
+    statuses: dict[str, JobStatus] = {}
+
+    def train(p: DatasetPointer) -> JobStatus:
+        st = run_job(p, secure)
+        statuses[p.node] = st  # metrics and receipt, even if masking fails after
+        words = p.client.secagg_masked(SecAggMaskedRequest(job_id=st.job_id, inbox=inboxes.get(p.node, [])))
+        server.add_masked(p.node, unpack_words(words, bits=config.bits))
+        return st
+
+    done = step("train", train, sharers)
+    outcome = SecureOutcome(outcomes=[(statuses.get(p.node), errors.get(p.node)) for p in pointers], dropped=errors)
+    try:
+        summed = set(server.reveal_request().survivors)
+        revealed = step("reveal", lambda p: p.client.secagg_reveal(server.reveal_request(p.node)),
+                        [p for p, _ in done])
+        # A node whose masked update is in the sum counts, even if it then failed to reveal its shares.
+        outcome.outcomes = [(statuses.get(p.node), None if p.node in summed else errors.get(p.node))
+                            for p in pointers]
+        total, weight_sum = server.unmask([s for _, shares in revealed for s in shares])
+    except SecAggError as exc:
+        outcome.error = f"secure aggregation could not unmask the sum: {exc}"
+        return outcome
+    if not weight_sum > 0:
+        outcome.error = f"the nodes' total weight ({weight}) is {weight_sum}: nothing to average"
+        return outcome
+    outcome.mean_delta = unflatten(total / weight_sum, like)
+    return outcome
