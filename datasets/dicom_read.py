@@ -124,13 +124,62 @@ def untilt_slices(image: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return out
 
 
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def _raw_plane(s: Slice) -> np.ndarray | None:
+    """The stored values of an uncompressed single-frame slice, read at the offset the header pass found,
+    masked or sign-extended to BitsStored as pydicom's pixel_array does; None when the bytes there are not
+    a plain Pixel Data element of the expected size (then pydicom decodes the file)."""
+    raw = s.raw
+    dtype = np.dtype(raw.dtype)
+    count = s.rows * s.columns
+    with open(s.path, "rb") as f:
+        f.seek(raw.offset)
+        head = f.read(12 if raw.explicit_vr else 8)
+        if head[:4] != _PIXEL_DATA_TAG or (raw.explicit_vr and head[4:6] not in (b"OW", b"OB")):
+            return None
+        length = int.from_bytes(head[-4:], "little")
+        if length == 0xFFFFFFFF or length < count * dtype.itemsize:  # encapsulated, or short
+            return None
+        plane = np.fromfile(f, dtype=dtype, count=count)
+    if plane.size != count:  # truncated file: let pydicom name the problem
+        return None
+    bits = dtype.itemsize * 8
+    if raw.bits_stored < bits:
+        if dtype.kind == "u":
+            plane &= (1 << raw.bits_stored) - 1
+        else:
+            shift = bits - raw.bits_stored
+            plane = (plane << shift) >> shift
+    return plane.reshape(s.rows, s.columns)
+
+
+def _store(out: np.ndarray, plane: np.ndarray, s: Slice) -> None:
+    """out[:] = plane * slope + intercept (float32). In float32 directly when that is exact (integer
+    values below 2**24, slope 1, integer intercept: the usual CT case), else through float64."""
+    if s.slope == 1.0 and float(s.intercept).is_integer() and plane.dtype.kind in "iu" and plane.dtype.itemsize <= 2:
+        np.add(plane, np.float32(s.intercept), out=out, dtype=np.float32)
+    else:
+        out[:] = plane.astype(np.float64) * s.slope + s.intercept
+
+
 def _pixels(series: str, slices: list[Slice]) -> np.ndarray:
-    """Rescaled float32 (X, Y, Z) stack in the given slice order; each file is decoded once."""
+    """Rescaled float32 (X, Y, Z) stack in the given slice order; each file is decoded once.
+
+    Slices are filled into a contiguous (Z, Rows, Columns) buffer, one contiguous plane at a time, and
+    returned as its (X, Y, Z) transposed view (Fortran-ordered): no per-slice transposes or copies.
+    Uncompressed single-frame files are read straight from their bytes (RawPixels); other transfer
+    syntaxes and multi-frame objects decode through pydicom (pylibjpeg / pyjpegls plugins)."""
     first = slices[0]
-    image = np.empty((first.columns, first.rows, len(slices)), dtype=np.float32)
+    stack = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     by_path: dict[Path, list[int]] = defaultdict(list)
     for k, s in enumerate(slices):
-        by_path[s.path].append(k)
+        plane = _raw_plane(s) if s.raw is not None else None
+        if plane is None:
+            by_path[s.path].append(k)
+        else:
+            _store(stack[k], plane, s)
     for path, ks in by_path.items():
         try:
             data = pydicom.dcmread(path).pixel_array  # compressed syntaxes decode through pylibjpeg / pyjpegls
@@ -142,8 +191,8 @@ def _pixels(series: str, slices: list[Slice]) -> np.ndarray:
             if plane.shape != (s.rows, s.columns):
                 raise VolumeError(f"series {series}: {_where(s)} decodes to shape {plane.shape}, "
                                   f"expected {(s.rows, s.columns)}")
-            image[:, :, k] = (plane.astype(np.float64) * s.slope + s.intercept).T  # (Rows, Cols) -> (X, Y)
-    return image
+            _store(stack[k], plane, s)
+    return stack.transpose(2, 1, 0)  # (Z, Rows, Cols) -> (X, Y, Z)
 
 
 def resample_slices(image: np.ndarray, along: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -71,6 +71,18 @@ class Slice:
     rows: int
     columns: int
     sop_uid: str = ""  # the file's SOPInstanceUID (for matching DICOM SEG frames to their source slice)
+    raw: RawPixels | None = None  # where the pixels lie in an uncompressed file; None: decode with pydicom
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Uncompressed little-endian pixels of a single-frame file: read straight from the file at `offset`
+    (the Pixel Data element's tag, found by the header pass), skipping a second parse of the header."""
+
+    offset: int
+    explicit_vr: bool
+    dtype: str  # numpy dtype of the stored values, e.g. "<i2"
+    bits_stored: int
 
 
 @dataclass
@@ -147,16 +159,33 @@ def _frames(path: Path, ds) -> list[Slice]:
     return out
 
 
+_NATIVE_LE = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # transfer syntax -> explicit VR
+
+
+def _raw_pixels(ds) -> RawPixels | None:
+    """RawPixels for a single-frame, one-sample, uncompressed little-endian file; None otherwise."""
+    explicit = _NATIVE_LE.get(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    offset = getattr(ds, "_voxgrid_pixel_offset", None)
+    bits, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    if explicit is None or offset is None or bits not in (8, 16, 32) or not 0 < stored <= bits:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    return RawPixels(offset, explicit, f"<{'i' if signed else 'u'}{bits // 8}", stored)
+
+
 def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     """Every DICOM file under `folder` (recursive; a file is taken alone), headers only. Non-DICOM files
-    are ignored; a damaged DICOM file is a VolumeError naming it."""
+    are ignored; a damaged DICOM file is a VolumeError naming it. Each dataset carries
+    `_voxgrid_pixel_offset`: where pydicom stopped, at the Pixel Data element (see RawPixels)."""
     paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     found = []
     for path in paths:
         if path.name.startswith(".") or path.name == "DICOMDIR":
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with open(path, "rb") as fp:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+                ds._voxgrid_pixel_offset = fp.tell()  # pydicom rewinds to the tag it stopped at
         except InvalidDicomError:
             continue  # not DICOM at all (README, thumbnails, ...)
         except Exception as exc:
@@ -214,7 +243,7 @@ def _classify(uid: str, items: list[tuple[Path, pydicom.Dataset]], rules: Series
         slope, intercept = _rescale(None, ds)
         slices.append(Slice(path, None, _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
                             tuple(float(v) for v in ds.PixelSpacing), slope, intercept,
-                            int(ds.Rows), int(ds.Columns), str(ds.get("SOPInstanceUID", ""))))
+                            int(ds.Rows), int(ds.Columns), str(ds.get("SOPInstanceUID", "")), _raw_pixels(ds)))
     summary.slices = len(slices)
 
     # Orientation: a single slice in another plane is a localizer; several planes are not a volume.

@@ -14,7 +14,8 @@ class VolumeError(ValueError):
 class Volume:
     """One image and its optional label map.
 
-    image: float32, shape (X, Y, Z); Hounsfield units for CT.
+    image: float32, shape (X, Y, Z); Hounsfield units for CT. Any memory order: the DICOM reader returns
+        the (X, Y, Z) view of a slice-contiguous buffer (Fortran order) rather than pay for a transposing copy.
     affine: float64, shape (4, 4); voxel index (i, j, k) -> RAS+ millimetres (nibabel convention).
     label: uint8, shape (X, Y, Z), 0 = background, or None when the volume is unlabelled.
     """
