@@ -6,16 +6,23 @@ scanner. With the same plan (3-D UNet with batch norm, Dice+CE) and the same bud
 epochs (``rounds x local_epochs`` at every site), it trains
 
 * local baselines: each site on its own data only (best round by the site's val Dice),
-* FedAvg, FedProx (mu 0.01), DWA (T=2, xi=2) and FedBN: "FL global best" (best round by the
-  average over sites of the global model's val Dice) and "FL local" per site,
+* FedAvg, FedProx (mu 0.01), DWA (T=2, xi=2), DWA+DTP (DWA with dynamic task prioritisation at
+  the clients, the multi-task pancreas study's combination), FedBN, and MT-heads (FedAvg of the
+  body, each site keeping its own task head, UNet's last block): "FL global best" (best round by
+  the average over sites of the global model's val Dice) and "FL local" per site,
+* FedBN+FT: the FedBN federation's final model fine-tuned at each site for ``local_epochs`` more
+  local epochs (``voxgrid.baselines.finetune``),
 
 scores every model on every site's test split with evaluate jobs at the nodes, prints the
 cross-site table (rows: models; columns: site x class, then averages) and writes it as JSON, and
 checks the studies' two findings: every federated model beats every standalone model on the
 average over sites, and a standalone model scores near zero on a class its site never saw.
+With several ``--seeds`` (each a fresh federation: new phantoms, new initial weights) it also
+prints the findings per seed and each model's mean over seeds.
 
-    python benchmarks/multisite.py                        # moderate size (48^3, 8 volumes, 20 rounds; ~5 min on 2 cores)
+    python benchmarks/multisite.py                        # moderate size (48^3, 8 volumes, 20 rounds)
     python benchmarks/multisite.py --small --json out.json   # CI size (32^3, 4 volumes, 2 rounds, tiny UNet)
+    python benchmarks/multisite.py --small --rounds 6 --seeds 0 1 2 --methods FedAvg DWA+DTP FedBN FedBN+FT
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ from pathlib import Path
 
 LABELS = ["background", "pancreas", "tumor"]
 NEAR_ZERO = 0.05  # "near zero" Dice
+METHODS = ["FedAvg", "FedProx", "DWA", "DWA+DTP", "FedBN", "MT-heads", "FedBN+FT"]
+# DTP: gamma 2 as in focal loss; alpha 0.3 averages over a few batches; r 1 (Dice itself)
+DTP = {"gamma": 2.0, "alpha": 0.3, "r": 1.0}
+HEAD = ["model.2"]  # MONAI UNet's last up-sampling block: the task head of the multi-task setup
 
 FULL = dict(size=48, rounds=20, volumes=8, local_epochs=2, channels=(16, 32, 64, 128), strides=(2, 2, 2), res_units=1)
 SMALL = dict(size=32, rounds=2, volumes=4, local_epochs=1, channels=(8, 16, 32), strides=(2, 2), res_units=0)
@@ -49,7 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2; --small: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per node (default 1)")
     p.add_argument("--device", default="cpu", help="node executor device: cpu, cuda or auto (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="one run per seed, each a fresh federation (default: 0)")
+    p.add_argument("--seed", type=int, help="a single seed: the same as --seeds SEED")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
+                   help=f"federated methods to run besides the local baselines (default: all of {' '.join(METHODS)})")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the table and findings to this JSON file")
     p.add_argument("--root", type=Path, help="folder for the federation (default: a temporary one, removed after)")
     args = p.parse_args(argv)
@@ -60,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.channels, args.strides, args.res_units = base["channels"], base["strides"], base["res_units"]
     if args.size < 16 or args.rounds < 1 or args.volumes < 4 or args.local_epochs < 1:
         p.error("need --size >= 16, --rounds >= 1, --volumes >= 4 and --local-epochs >= 1")
+    if args.seed is not None:
+        args.seeds = [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must differ, got {args.seeds}")
+    if "FedBN+FT" in args.methods and "FedBN" not in args.methods:
+        args.methods = [*args.methods, "FedBN"]  # fine-tuning starts from the FedBN federation
     return args
 
 
@@ -100,19 +121,119 @@ def findings(table, federated: list[str], standalone: list[str]) -> dict:
     return {"every_federated_beats_every_standalone": beats, "standalone_on_unseen_class": unseen}
 
 
+def strategy_for(label: str, plan):
+    """The strategy and plan of one federated method."""
+    import voxgrid
+
+    if label == "FedAvg":
+        return voxgrid.FedAvg(), plan
+    if label == "FedProx":
+        return voxgrid.FedProx(mu=0.01), plan
+    if label == "DWA":
+        return voxgrid.DWA(T=2.0, xi=2.0), plan
+    if label == "DWA+DTP":
+        return voxgrid.DWA(T=2.0, xi=2.0), plan.with_local(dtp=DTP)
+    if label == "FedBN":
+        return voxgrid.FedBN(), plan
+    if label == "MT-heads":
+        return voxgrid.FedAvg(), plan.with_local(keep_local=["head"], head=HEAD)
+    raise ValueError(f"unknown method {label!r}")
+
+
 def run(args, echo=print) -> dict:
+    """One run per seed, then the findings per seed and each model's mean over seeds."""
     import torch
 
+    runs = []
+    for seed in args.seeds:
+        root = args.root / f"seed-{seed}" if args.root and len(args.seeds) > 1 else args.root
+        runs.append(run_seed(args, seed, root, echo))
+    summary = summarise(runs)
+    if len(runs) > 1:
+        echo(render_summary(summary, args.seeds))
+    first = runs[0]
+    return {
+        "benchmark": "multisite",
+        "config": {"size": args.size, "rounds": args.rounds, "volumes": args.volumes, "local_epochs": args.local_epochs,
+                   "small": args.small, "channels": list(args.channels), "strides": list(args.strides),
+                   "num_res_units": args.res_units, "parameters": first["parameters"], "plan_hash": first["plan_hash"],
+                   "seeds": list(args.seeds), "methods": list(args.methods), "dtp": DTP, "head": HEAD,
+                   "device": args.device, "threads": args.threads},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        # the first seed's table and findings, as before; every seed's under "runs"
+        "table": first["table"], "findings": first["findings"],
+        "runs": runs, "summary": summary,
+        "total_s": sum(r["total_s"] for r in runs),
+    }
+
+
+GROUPS = ("fl_global_best", "fl_local", "fl_finetuned")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per model, the mean over seeds of its average-over-sites Dice; per finding, in how many seeds it held."""
+    models: dict[str, list[float]] = {}
+    for r in runs:
+        for m in r["table"]["models"]:
+            v = m["average"].get("mean")
+            if v is not None:
+                models.setdefault(m["name"], []).append(v)
+    mean_of = {n: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "n": len(v)} for n, v in models.items()}
+    # per federated model: in how many seeds its average mean Dice beat every local baseline's
+    beats: dict[str, int] = {}
+    for r in runs:
+        avg = {m["name"]: m["average"].get("mean") for m in r["table"]["models"]}
+        local = [v for n, v in avg.items() if n.startswith("local ") and v is not None]
+        for n, v in avg.items():
+            if not n.startswith("local "):
+                beats[n] = beats.get(n, 0) + int(v is not None and bool(local) and v > max(local))
+    for n, k in beats.items():
+        if n in mean_of:
+            mean_of[n]["seeds_beating_every_local"] = k
+    holds = {}
+    for g in GROUPS:
+        per_seed = [r["findings"][g]["every_federated_beats_every_standalone"]["mean"]["holds"]
+                    for r in runs if g in r["findings"]]
+        holds[g] = {"seeds_holding": sum(per_seed), "seeds": len(per_seed)}
+    unseen: dict[str, list[float]] = {}
+    for r in runs:
+        for u in r["findings"]["fl_global_best"]["standalone_on_unseen_class"]:
+            unseen.setdefault(f"{u['model']} on {u['class']}", []).append(u["mean_dice_elsewhere"])
+    return {"average_mean_dice": mean_of, "every_federated_beats_every_standalone": holds,
+            "standalone_on_unseen_class": {k: {"mean": sum(v) / len(v), "max": max(v), "values": v}
+                                           for k, v in unseen.items()}}
+
+
+def render_summary(summary: dict, seeds: list[int]) -> str:
+    lines = [f"[multisite] over seeds {seeds}: average-over-sites mean Dice per model (mean [min, max])"]
+    for name, v in summary["average_mean_dice"].items():
+        beat = v.get("seeds_beating_every_local")
+        lines.append(f"  {name:<24} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]"
+                     + ("" if beat is None else f"  beats every local baseline in {beat} of {v['n']} seeds"))
+    for g, v in summary["every_federated_beats_every_standalone"].items():
+        if v["seeds"]:
+            lines.append(f"[multisite] every {g} model beats every local baseline (average mean Dice): "
+                         f"{v['seeds_holding']} of {v['seeds']} seeds")
+    for k, v in summary["standalone_on_unseen_class"].items():
+        lines.append(f"[multisite] {k} (never annotated at its site): mean Dice {v['mean']:.3f}, "
+                     f"max {v['max']:.3f} over seeds")
+    return "\n".join(lines)
+
+
+def run_seed(args, seed: int, root: Path | None, echo=print) -> dict:
+    """One federation (phantoms and initial weights from ``seed``), every method, the cross-site table."""
     import voxgrid
+    from voxgrid.baselines import finetune
     from voxgrid.datasets import default_sites
     from voxgrid.nodes.federation import LocalFederation
 
     plan = make_plan(args)
     n_params = sum(math.prod(t.shape) for t in voxgrid.plan.initial_weights(plan).values())
-    specs = default_sites(n_sites=3, shape=(args.size,) * 3, n_volumes=args.volumes, seed=args.seed)
-    root = args.root or Path(tempfile.mkdtemp(prefix="voxgrid-multisite-"))
+    specs = default_sites(n_sites=3, shape=(args.size,) * 3, n_volumes=args.volumes, seed=seed)
+    keep = root is not None
+    root = root or Path(tempfile.mkdtemp(prefix="voxgrid-multisite-"))
     sites = ", ".join(f"{s.name} ({s.n_volumes} volumes: {'+'.join(s.labels.values())})" for s in specs)
-    echo(f"[multisite] sites {sites}; "
+    echo(f"[multisite] seed {seed}: sites {sites}; "
          f"{args.size}^3, UNet {list(args.channels)} batch norm ({n_params / 1e6:.2f}M), "
          f"{args.rounds} rounds x {args.local_epochs} local epochs")
     t0 = time.perf_counter()
@@ -126,18 +247,18 @@ def run(args, echo=print) -> dict:
                 pointers = grid.search("#ct", "#pancreas")
                 pointers = sorted(pointers, key=lambda p: p.name)
                 t = time.perf_counter()
-                base = voxgrid.LocalBaselines(plan, pointers, rounds=args.rounds, seed=args.seed, name="local")
+                base = voxgrid.LocalBaselines(plan, pointers, rounds=args.rounds, seed=seed, name="local")
                 base.run()
                 models = base.models(prefix="local")
                 timings["local"] = time.perf_counter() - t
                 echo(f"[multisite] local baselines: {timings['local']:.1f} s")
-                federated = []
-                strategies = {"FedAvg": voxgrid.FedAvg(), "FedProx": voxgrid.FedProx(mu=0.01),
-                              "DWA": voxgrid.DWA(T=2.0, xi=2.0), "FedBN": voxgrid.FedBN()}
-                for label, strategy in strategies.items():
+                federated, finetuned = [], []
+                for label in [m for m in METHODS if m in args.methods and m != "FedBN+FT"]:
                     t = time.perf_counter()
-                    exp = voxgrid.Experiment(plan, pointers, strategy=strategy, rounds=args.rounds, evaluate=False,
-                                             select=True, seed=args.seed, name=label.lower())
+                    strategy, method_plan = strategy_for(label, plan)
+                    exp = voxgrid.Experiment(method_plan, pointers, strategy=strategy, rounds=args.rounds,
+                                             evaluate=False, select=True, seed=seed,
+                                             name=label.lower().replace("+", "-"))
                     exp.run(progress=False)
                     sel = exp.selection
                     named = [dataclasses.replace(sel.best_global, name=f"{label} global best")]
@@ -148,20 +269,32 @@ def run(args, echo=print) -> dict:
                     timings[label] = time.perf_counter() - t
                     echo(f"[multisite] {label}: {timings[label]:.1f} s, best global round {sel.best_global.round} "
                          f"(val {sel.best_global.score:.3f})")
+                    if label == "FedBN" and "FedBN+FT" in args.methods:
+                        t = time.perf_counter()
+                        ft = finetune(exp, epochs=args.local_epochs, prefix="FedBN+FT")
+                        models += ft
+                        finetuned += [m.name for m in ft]
+                        timings["FedBN+FT"] = time.perf_counter() - t
+                        echo(f"[multisite] FedBN+FT: {timings['FedBN+FT']:.1f} s")
                 t = time.perf_counter()
-                table = voxgrid.cross_site_evaluation(models, pointers, seed=args.seed)
+                table = voxgrid.cross_site_evaluation(models, pointers, seed=seed)
                 timings["cross_site_evaluation"] = time.perf_counter() - t
             finally:
                 grid.close()
     finally:
-        if args.root is None:
+        if not keep:
             shutil.rmtree(root, ignore_errors=True)
 
     echo(table.render())
     standalone = [m.name for m in models if m.name.startswith("local ")]
     found = findings(table, [n for n in federated if "global" in n], standalone)
     found_local = findings(table, [n for n in federated if "global" not in n], standalone)
-    for label, f in (("FL global best", found), ("FL local", found_local)):
+    groups = [("FL global best", found), ("FL local", found_local)]
+    out_findings = {"fl_global_best": found, "fl_local": found_local}
+    if finetuned:
+        out_findings["fl_finetuned"] = findings(table, finetuned, standalone)
+        groups.append(("FL + fine-tune", out_findings["fl_finetuned"]))
+    for label, f in groups:
         for k, v in f["every_federated_beats_every_standalone"].items():
             fmt = lambda x: "-" if x is None else f"{x:.3f}"
             echo(f"[multisite] every {label} model beats every local baseline on average {k}: "
@@ -171,18 +304,9 @@ def run(args, echo=print) -> dict:
         echo(f"[multisite] {u['model']} on {u['class']} (never annotated at its site): mean Dice "
              f"{u['mean_dice_elsewhere']:.3f} at the sites that annotate it ({'near zero' if u['near_zero'] else 'NOT near zero'})")
     total = time.perf_counter() - t0
-    echo(f"[multisite] total {total:.1f} s")
-    return {
-        "benchmark": "multisite",
-        "config": {"size": args.size, "rounds": args.rounds, "volumes": args.volumes, "local_epochs": args.local_epochs,
-                   "small": args.small, "channels": list(args.channels), "strides": list(args.strides),
-                   "num_res_units": args.res_units, "parameters": n_params, "plan_hash": plan.content_hash,
-                   "seed": args.seed, "device": args.device, "threads": args.threads},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
-        "table": table.to_dict(),
-        "findings": {"fl_global_best": found, "fl_local": found_local},
-        "timings_s": timings, "total_s": total,
-    }
+    echo(f"[multisite] seed {seed}: total {total:.1f} s")
+    return {"seed": seed, "parameters": n_params, "plan_hash": plan.content_hash, "table": table.to_dict(),
+            "findings": out_findings, "timings_s": timings, "total_s": total}
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ split), batch 2, one local epoch = 4 Adam steps (lr 1e-4, DiceCE, 1 patch of 64^
 
     python benchmarks/round_overhead.py                 # full size
     python benchmarks/round_overhead.py --small --json out.json   # CI size: 32^3, 2 rounds, tiny UNet
+    python benchmarks/round_overhead.py --secure        # the same rounds with secure aggregation
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, help="data nodes (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per node (default 1)")
     p.add_argument("--device", default="cpu", help="node executor device: cpu, cuda or auto (default cpu)")
+    p.add_argument("--secure", action="store_true",
+                   help="run the rounds with secure aggregation (compare its wall time with a run without)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the figures to this JSON file")
     p.add_argument("--root", type=Path, help="folder for the federation (default: a temporary one, removed after)")
     args = p.parse_args(argv)
@@ -104,7 +107,8 @@ def run(args, echo=print) -> dict:
     root = args.root or Path(tempfile.mkdtemp(prefix="voxgrid-bench-"))
     echo(f"[bench] {args.sites} nodes x {args.volumes} volumes of {args.size}^3, UNet {list(args.channels)} "
          f"({n_params / 1e6:.2f}M parameters), batch 2, {args.volumes // 2} steps per round, "
-         f"{args.rounds} rounds, {args.threads} thread(s) per node, device {args.device}")
+         f"{args.rounds} rounds, {args.threads} thread(s) per node, device {args.device}"
+         f"{', secure aggregation' if args.secure else ''}")
     t0 = time.perf_counter()
     fed = LocalFederation.create(root, specs, splits=(1, 0, 0), threads=args.threads, device=args.device)
     rows: list[dict] = []
@@ -117,7 +121,8 @@ def run(args, echo=print) -> dict:
                 pointers = grid.search("#ct")
                 if len(pointers) != args.sites:
                     raise RuntimeError(f"expected {args.sites} datasets, the grid lists {len(pointers)}")
-                exp = voxgrid.Experiment(plan, pointers, rounds=args.rounds, evaluate=False, name="bench")
+                exp = voxgrid.Experiment(plan, pointers, rounds=args.rounds, evaluate=False, name="bench",
+                                         secure_aggregation=args.secure)
                 echo(f"{'round':>5} {'wall ms':>10} {'compute ms':>11} {'overhead ms':>12} {'overhead/compute':>17}"
                      f"   per-node compute ms")
 
@@ -154,7 +159,7 @@ def run(args, echo=print) -> dict:
     return {
         "benchmark": "round_overhead",
         "config": {"size": args.size, "rounds": args.rounds, "volumes": args.volumes, "sites": args.sites,
-                   "threads": args.threads, "device": args.device, "small": args.small,
+                   "threads": args.threads, "device": args.device, "small": args.small, "secure": args.secure,
                    "channels": list(args.channels), "strides": list(args.strides), "num_res_units": args.res_units,
                    "parameters": n_params, "plan_hash": plan.content_hash},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,

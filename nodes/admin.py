@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -106,21 +108,29 @@ def _dataset_basics(path: Path, name: str, tags: list[str], label_names) -> tupl
 def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tags: list[str],
                 label_names: str | dict, splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
                 description: str = "", modality: str = "CT", replace: bool = False, seed: int = 0,
-                check: bool = True) -> dict:
+                check: bool = True, patients: dict[str, str] | None = None) -> dict:
     """Register a folder of NIfTI images (+ labels) or DICOM series as a dataset of the node.
 
     Every volume is read once (``check``) so a corrupt file or a label map that does not fit its
     image is refused now, naming the case, rather than failing a job later.
+    ``patients``: case id -> patient id, where several volumes are of one patient (the unit of
+    privacy for DP-SGD); a patient's volumes are kept in one split. Unlisted cases: one patient each.
     Returns a summary: name, volume count per split.
     """
     home, tag_list, names = _dataset_basics(path, name, tags, label_names)
     sources = scan_folder(Path(images), Path(labels) if labels else None)
     if check:
         _check_volumes(sources, names)
-    split_of = assign_splits([s.case_id for s in sources], tuple(splits), seed)
+    patients = dict(patients or {})
+    unknown = sorted(set(patients) - {s.case_id for s in sources})
+    if unknown:
+        raise ValueError(f"patients: no volume with case id {', '.join(unknown[:5])} in {images}")
+    patient_of = {s.case_id: patients.get(s.case_id) or s.case_id for s in sources}
+    split_of_patient = assign_splits(sorted(set(patient_of.values())), tuple(splits), seed)
+    split_of = {c: split_of_patient[p] for c, p in patient_of.items()}
     records = [VolumeRecord(s.case_id, str(Path(s.image).resolve()),
-                            str(Path(s.label).resolve()) if s.label else None, s.kind, split_of[s.case_id])
-               for s in sources]
+                            str(Path(s.label).resolve()) if s.label else None, s.kind, split_of[s.case_id],
+                            patient=patients.get(s.case_id)) for s in sources]
     store = NodeStore(home.db_file)
     try:
         store.add_dataset(name, description=description, tags=tag_list, modality=modality, label_names=names,
@@ -355,3 +365,83 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
             "pull": report.public(),
             "series": {"found": len(summaries), "accepted": len(records),
                        "skipped": [s.public() for s in summaries if not s.accepted]}}
+
+
+def rotate_certificate(path: Path, kind: str = "node", *, cert: Path | None = None, key: Path | None = None,
+                       bundle: Path | None = None, ca_dir: Path | None = None, hosts: list[str] | None = None,
+                       days: int = 825) -> dict:
+    """Install a new server certificate and key into a home; the old pair is kept in ``tls/backup/``.
+
+    The new pair comes from ``cert`` + ``key``, from a provisioned kit (``bundle``: its server.crt and
+    server.key), or is issued here from the CA files in ``ca_dir`` for ``hosts`` (default: the hosts the
+    current certificate names). Before anything changes it must chain to the home's federation CA
+    (tls/ca.crt), be valid now, be issued to the home's name, match its key and name the configured
+    host; otherwise CertificateError says why and no file is touched. Each file is swapped with an
+    atomic rename. A running server keeps serving the old certificate until it is restarted.
+    """
+    import datetime as dt
+    import tempfile
+
+    from voxgrid.pki import CertificateError, certificate_info, issue_certificate, load_ca, verify_certificate
+
+    from .doctor import _cert_hosts, _names_host, configured_host
+
+    home = Home(path, kind)
+    cfg = home.load()
+    if bool(cert) != bool(key):
+        raise ValueError("a new certificate needs its key: give --cert and --key together")
+    if len([s for s in (cert, bundle, ca_dir) if s]) != 1:
+        raise ValueError("give exactly one of: --cert with --key, --bundle KIT, or --ca-dir CA")
+    if bundle:
+        cert, key = Path(bundle) / "server.crt", Path(bundle) / "server.key"
+    old_cert, old_key = home.tls / "server.crt", home.tls / "server.key"
+    with tempfile.TemporaryDirectory(dir=home.tls, prefix=".rotate-") as tmp:
+        if ca_dir:
+            if not hosts:
+                dns, ips = _cert_hosts(_load_cert(old_cert))
+                hosts = [*dns, *map(str, ips)]
+            issued = issue_certificate(load_ca(ca_dir), tmp, cfg.name, hosts, days=days)
+            cert, key = issued.cert, issued.key
+        for f in (cert, key):
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"{f} not found")
+        new = verify_certificate(cert, home.tls / "ca.crt", key_path=key, name=cfg.name)
+        host = configured_host(cfg)
+        if host and not _names_host(new, host):
+            raise CertificateError(f"{cert} does not name {host!r}, the host this {kind} is reached at "
+                                   f"(public URL or listen address)")
+        # Staged next to the targets (same file system, so the renames below are atomic) and on disk
+        # before the old pair is touched; the backup is written before the swap too. Between the two
+        # renames the key is new and the certificate old for an instant: the server reads both only at
+        # start, and a crash there leaves the backup and a doctor that names the mismatch.
+        staged_cert, staged_key = Path(tmp) / "new.crt", Path(tmp) / "new.key"
+        _write_durably(staged_cert, Path(cert).read_bytes(), 0o644)
+        _write_durably(staged_key, Path(key).read_bytes(), 0o600)
+        old = certificate_info(old_cert)
+        backup = home.tls / "backup"
+        backup.mkdir(mode=0o700, exist_ok=True)
+        stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{old['serial'][:16]}"
+        _write_durably(backup / f"server-{stamp}.crt", old_cert.read_bytes(), 0o644)
+        _write_durably(backup / f"server-{stamp}.key", old_key.read_bytes(), 0o600)
+        os.replace(staged_key, old_key)
+        os.replace(staged_cert, old_cert)
+    info = certificate_info(old_cert)
+    running = json.loads(home.run_file.read_text()).get("pid") if home.run_file.is_file() else None
+    return {"old_serial": old["serial"], "serial": info["serial"], "not_valid_after": info["not_valid_after"],
+            "sans": info["sans"], "backup": str(backup / f"server-{stamp}.crt"), "running_pid": running}
+
+
+def _write_durably(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` created with ``mode`` (no window with looser bits) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_cert(path: Path):
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(Path(path).read_bytes())

@@ -6,8 +6,10 @@ from fastapi import FastAPI, Query, Request, Response
 
 import voxgrid
 from voxgrid.privacy import BudgetStatus
-from voxgrid.wire import (API_PREFIX, AuditEntry, BudgetSet, DatasetInfo, Estimate, EstimateRequest, Health, JobRequest,
-                          JobStatus, LedgerView, NodeInfo, Problem, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
+                          EstimateRequest, Health, JobRequest, JobStatus, LedgerView, NodeInfo, Problem, RevealedShare,
+                          RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
+                          TokenIssued, WeightsRef, WhoAmI)
 
 from .http import caller_dependency, install_problem_handlers, read_body
 from .service import NodeService
@@ -64,6 +66,22 @@ def create_app(service: NodeService) -> FastAPI:
     @app.get(f"{p}/jobs/{{job_id}}/update", response_class=Response)
     def job_update(job_id: str, c: Who):
         return Response(service.job_update(c, job_id), media_type=OCTETS)
+
+    @app.post(f"{p}/secagg/keys", response_model=AdvertisedKeys)
+    def secagg_keys(req: SecAggKeysRequest, c: Who):
+        return service.secagg_keys(c, req)
+
+    @app.post(f"{p}/secagg/shares", response_model=list[EncryptedShare])
+    def secagg_shares(req: SecAggSharesRequest, c: Who):
+        return service.secagg_shares(c, req)
+
+    @app.post(f"{p}/secagg/masked", response_class=Response)
+    def secagg_masked(req: SecAggMaskedRequest, c: Who):
+        return Response(service.secagg_masked(c, req), media_type=OCTETS)
+
+    @app.post(f"{p}/secagg/reveal", response_model=list[RevealedShare])
+    def secagg_reveal(req: RevealRequest, c: Who):
+        return service.secagg_reveal(c, req)
 
     @app.post(f"{p}/privacy/estimate", response_model=Estimate)
     def privacy_estimate(req: EstimateRequest, c: Who):

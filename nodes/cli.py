@@ -152,6 +152,42 @@ def _privacy_report(args) -> None:
     print(f"privacy report: {page} (data: {js})")
 
 
+def _cache(args) -> None:
+    from .prepcache import PrepCache
+
+    cache = PrepCache.of_home(Home(args.home, "node").path)
+    if args.cache_cmd == "clear":
+        print(f"removed {cache.clear()} preprocessed volume(s) from {cache.root}")
+    else:
+        print(json.dumps(cache.info(), indent=1))
+
+
+def _cert_rotate(kind: str):
+    def run(args):
+        out = admin.rotate_certificate(args.home, kind, cert=args.cert, key=args.key, bundle=args.bundle,
+                                       ca_dir=args.ca_dir, hosts=args.host, days=args.days)
+        print(json.dumps(out))
+        if out["running_pid"]:
+            print(f"the {kind} is running (pid {out['running_pid']}): restart it to serve the new certificate")
+    return run
+
+
+def _add_cert(sub, kind: str) -> None:
+    c = sub.add_parser("cert", help="the server's TLS certificate").add_subparsers(dest="cert_cmd", required=True)
+    p = c.add_parser("rotate", help="install a new certificate and key (checked against the federation CA, the "
+                                    "key and the name first; the old pair is kept in HOME/tls/backup)")
+    _home_arg(p, kind)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cert", type=Path, help="the new certificate (PEM), with --key")
+    src.add_argument("--bundle", type=Path, help="a provisioned kit folder holding server.crt and server.key")
+    src.add_argument("--ca-dir", type=Path, help="issue the new certificate here from the CA files (ca.crt, ca.key)")
+    p.add_argument("--key", type=Path, help="the new private key (PEM), with --cert")
+    p.add_argument("--host", action="append", help="with --ca-dir: a host name or IP to certify (repeatable; "
+                                                   "default: those of the current certificate)")
+    p.add_argument("--days", type=int, default=825, help="with --ca-dir: validity in days")
+    p.set_defaults(func=_cert_rotate(kind))
+
+
 def _start_node(args) -> None:
     from .server import serve_node
 
@@ -251,6 +287,13 @@ def register(sub) -> None:
     p.set_defaults(func=_dataset_list)
     _add_token(node, "node", "scientist")
     _add_budget(node)
+    _add_cert(node, "node")
+    c = node.add_parser("cache", help="the executor's cache of preprocessed volumes").add_subparsers(
+        dest="cache_cmd", required=True)
+    for name, text in (("info", "entries and bytes (JSON)"), ("clear", "remove every entry; they are rebuilt on use")):
+        p = c.add_parser(name, help=text)
+        _home_arg(p, "node")
+        p.set_defaults(func=_cache)
     _add_start_status(node, "node", _start_node)
     p = node.add_parser("register", help="register the node's published metadata with its grid")
     _home_arg(p, "node")
@@ -261,6 +304,7 @@ def register(sub) -> None:
     grid = sub.add_parser("grid", help="run the grid directory").add_subparsers(dest="grid_cmd", required=True)
     _add_init(grid, "grid")
     _add_token(grid, "grid", "scientist")
+    _add_cert(grid, "grid")
     _add_start_status(grid, "grid", _start_grid)
 
     from .deploy_cli import add_commands as add_deploy_commands  # doctor, service-files, provision

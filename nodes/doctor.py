@@ -94,8 +94,9 @@ def check_certificate(home: Home, cfg: ServerConfig | None, now: dt.datetime | N
         if now < c.not_valid_before_utc:
             return Check("certificate", FAIL, f"{which} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M}Z")
         if now >= c.not_valid_after_utc:
-            return Check("certificate", FAIL, f"{which} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M}Z; "
-                                              f"issue a new one ('voxgrid ca issue') and copy it to {home.tls}")
+            fix = (f"rotate it: 'voxgrid {home.kind} cert rotate --home {home.path} --bundle KIT' (or --ca-dir CA)"
+                   if c is cert else "the federation needs a new CA and new certificates")
+            return Check("certificate", FAIL, f"{which} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M}Z; {fix}")
     host = configured_host(cfg) if cfg else None
     if host and not _names_host(cert, host):
         dns, ips = _cert_hosts(cert)
@@ -104,7 +105,8 @@ def check_certificate(home: Home, cfg: ServerConfig | None, now: dt.datetime | N
     days = (min(cert.not_valid_after_utc, ca.not_valid_after_utc) - now).days
     named = f", names {host}" if host else " (listening on all addresses: host name not checked)"
     if days < CERT_WARN_DAYS:
-        return Check("certificate", WARN, f"expires in {days} days{named}; renew it soon")
+        return Check("certificate", WARN, f"expires in {days} days{named}; renew it soon "
+                                          f"('voxgrid {home.kind} cert rotate')")
     return Check("certificate", OK, f"issued by the federation CA, valid {days} more days{named}")
 
 

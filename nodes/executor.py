@@ -1,8 +1,10 @@
 """The executor: a long-lived worker process beside the node server.
 
 The worker stays warm between rounds (imports done, volumes preprocessed and cached, network
-built), so a round costs only the compute. Server and worker talk over a pipe: a JSON message,
-followed for weights and updates by one raw safetensors message. Nothing is pickled
+built), so a round costs only the compute; preprocessed volumes also persist in the node home's
+cache folder (:mod:`.prepcache`), so a restarted worker does not read the DICOM again. Server and
+worker talk over a pipe: a JSON message, followed for weights and updates by one raw safetensors
+message. Nothing is pickled
 (``send_bytes``/``recv_bytes`` only), and nothing touches the disk on the way: the server keeps
 the durable copies.
 """
@@ -30,10 +32,12 @@ class Executor:
     """
 
     def __init__(self, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0,
-                 state_dir: str | os.PathLike | None = None):
+                 state_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
         self.on_event, self.device, self.threads = on_event, device, threads
         # Site-kept tensors (FedBN): durable under state_dir, else in the worker's memory only.
         self.state_dir = str(state_dir) if state_dir else None
+        # Preprocessed volumes survive a restart under cache_dir (the node home's cache/prepared).
+        self.cache_dir = str(cache_dir) if cache_dir else None
         self._lock = threading.Lock()
         self._inflight: dict[str, dict] = {}
         self._closing = False
@@ -45,8 +49,8 @@ class Executor:
         self.ready.clear()
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited server threads or sockets
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=worker_main, args=(child, self.device, self.threads, self.state_dir),
-                                 name="voxgrid-executor", daemon=True)
+        self._proc = ctx.Process(target=worker_main, name="voxgrid-executor", daemon=True,
+                                 args=(child, self.device, self.threads, self.state_dir, self.cache_dir))
         self._proc.start()
         child.close()
         self._reader = threading.Thread(target=self._read, name="executor-reader", daemon=True)
@@ -99,7 +103,7 @@ class Executor:
             self._proc.kill()
 
 
-def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -> None:
+def worker_main(conn, device: str, threads: int, state_dir: str | None = None, cache_dir: str | None = None) -> None:
     """Worker loop: one job at a time, in submission order. Exits when the server goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us cleanly
     if threads > 0:
@@ -111,15 +115,18 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -
     from voxgrid import tensors
     from voxgrid.plan import Plan
     from voxgrid.privacy import PrivacySpec
-    from voxgrid.privacy.mechanisms import apply_filters, secure_generator
     from voxgrid import components
+    from voxgrid.privacy.mechanisms import apply_filters, secure_generator
     from voxgrid.wire import JobRequest
 
     from .local_state import LocalState
+    from .prepcache import PrepCache
+    from .secure import noise_share
     from .training import Trainer, pick_device, prepare, run_job
 
     trainer = Trainer(pick_device(device))
     local_state = LocalState(state_dir)
+    prep_cache = PrepCache(cache_dir) if cache_dir else None
     for kind in ("network", "loss", "optimizer", "transform"):  # the allowlist's imports, before any job waits
         components.table(kind)
     conn.send_bytes(json.dumps({"event": "ready", "device": trainer.device.type}).encode())
@@ -141,7 +148,7 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -
             data = cache.get(key)
             if data is None:
                 try:
-                    data = prepare(ds["volumes"], site_labels, plan)
+                    data = prepare(ds["volumes"], site_labels, plan, cache=prep_cache)
                 except Exception:
                     # Reader errors name files, series UIDs and descriptions: they stay in the node's log.
                     log.warning("job %s: loading dataset %s failed: %s", job_id, req.dataset, traceback.format_exc())
@@ -155,7 +162,7 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None) -
             if delta is not None and spec is not None:
                 # The privacy filter chain runs here, so the raw delta never reaches the server process
                 # or the disk. Noise is seeded from OS entropy, never from the scientist's seed.
-                delta = apply_filters(spec, delta, secure_generator())
+                delta = apply_filters(spec, delta, secure_generator(), noise_share=noise_share(req, metrics))
             update = tensors.dumps(delta, metadata={"job_id": job_id}) if delta is not None else None
             conn.send_bytes(json.dumps({"event": "done", "job_id": job_id, "has_update": update is not None,
                                         "metrics": metrics.model_dump(mode="json")}).encode())

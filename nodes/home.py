@@ -5,7 +5,7 @@ Layout (node)::
     HOME/node.json        name, listen address, public URL, grid URL
     HOME/node.db          registry, jobs, tokens, audit log (SQLite)
     HOME/owner.token      the owner's token (mode 0600)
-    HOME/tls/             server.crt, server.key, ca.crt
+    HOME/tls/             server.crt, server.key, ca.crt; backup/: pairs replaced by 'cert rotate'
     HOME/blobs/           global weights received (safetensors, content-addressed)
     HOME/updates/         updates computed by jobs (safetensors, one per job)
     HOME/cache/           volumes converted from DICOM

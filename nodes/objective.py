@@ -14,15 +14,25 @@ transform logits and targets, not the loss, so every allowlisted MONAI loss work
   so they get no supervision here.
 
 Targets are re-indexed onto the kept channels; a per-class ``weight`` list is restricted to them.
+
+Dynamic task prioritisation (``plan.local.dtp``, the multi-task pancreas study). A *task* is one
+foreground class this site annotates (a pancreas-only site has one task, a pancreas + tumour site
+two). Task c's loss is the plan's loss on the binary problem "c against everything else" (the
+other channels merged as above), and the data loss is ``sum_c W_c * loss_c`` with
+``W_c = -(1 - kbar_c)^gamma * log(kbar_c)``: ``kbar_c = alpha * Dice_c^r + (1 - alpha) * kbar_c``
+is updated from each batch's soft Dice of class c (detached: the weights carry no gradient). The
+moving average starts at the first batch of a job that contains class c; until then ``W_c = 1``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from voxgrid.plan import Plan, build_loss
+from voxgrid.plan import Plan, TaskPriority, build_loss, prefixed_keys
+from voxgrid.privacy import PrivacySpec
 
 
 def is_softmax_loss(spec: dict) -> bool:
@@ -64,6 +74,74 @@ def proximal_term(params: Iterable[torch.Tensor], anchor: Iterable[torch.Tensor]
     return 0.5 * mu * total
 
 
+def dtp_weight(kbar: float, gamma: float) -> float:
+    """DTP's focal weight ``-(1 - kbar)^gamma * log(kbar)`` of a task whose performance is ``kbar``.
+
+    ``kbar`` is clamped to [1e-6, 1]: a task at Dice 0 gets a large finite weight, not infinity.
+    """
+    k = min(max(float(kbar), 1e-6), 1.0)
+    return -((1.0 - k) ** gamma) * math.log(k)
+
+
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int], softmax: bool,
+              eps: float = 1e-6) -> dict[int, float | None]:
+    """Per class, the batch's soft Dice ``2 sum(p g) / (sum p + sum g)`` over all its voxels.
+
+    Probabilities are the softmax over channels (``softmax``) or each channel's sigmoid. None for a
+    class absent from the batch's targets (its Dice measures nothing there). No gradient.
+    """
+    with torch.no_grad():
+        logits = logits.float()
+        prob = torch.softmax(logits, dim=1) if softmax else torch.sigmoid(logits)
+        out: dict[int, float | None] = {}
+        for c in classes:
+            g = (target[:, 0] == c).float()
+            if g.sum() == 0:
+                out[c] = None
+                continue
+            p = prob[:, c]
+            out[c] = float(2 * (p * g).sum() / (p.sum() + g.sum() + eps))
+        return out
+
+
+class DynamicTaskPriority:
+    """DTP's moving averages and weights over a site's tasks (its annotated classes), for one job."""
+
+    def __init__(self, spec: TaskPriority, tasks: Sequence[int]):
+        self.spec, self.tasks = spec, sorted(tasks)
+        self.kbar: dict[int, float] = {}
+
+    def observe(self, dice: dict[int, float | None]) -> None:
+        """Fold one batch's Dice per task into the moving averages (None: task absent, unchanged)."""
+        a, r = self.spec.alpha, self.spec.r
+        for c, d in dice.items():
+            if d is None:
+                continue
+            k = max(d, 0.0) ** r
+            self.kbar[c] = k if c not in self.kbar else a * k + (1 - a) * self.kbar[c]
+
+    def weights(self) -> dict[int, float]:
+        """``W_c`` per task; 1 for a task not yet measured."""
+        return {c: dtp_weight(self.kbar[c], self.spec.gamma) if c in self.kbar else 1.0 for c in self.tasks}
+
+
+def freeze_except(net: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Stop gradients to every trainable parameter outside ``prefixes`` (``plan.local.train_only``);
+    returns those it froze, for the caller to unfreeze. Nothing is frozen for empty ``prefixes``.
+
+    A frozen parameter's gradient stays None, so torch's optimisers skip it (no step, no weight decay).
+    Batch-norm running statistics still follow the site's data: they are not parameters.
+    """
+    if not prefixes:
+        return []
+    params = dict(net.named_parameters())
+    train = prefixed_keys(set(params), prefixes, "plan.local.train_only")
+    frozen = [p for n, p in params.items() if n not in train and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
 class LocalObjective:
     """``objective(net, x, y)``: the plan's loss on the annotated classes, plus the proximal term.
 
@@ -79,13 +157,30 @@ class LocalObjective:
         self.merge = is_softmax_loss(plan.loss)
         self.loss_fn = build_loss(plan, classes=[0, *self.present] if partial else None)
         self.mu = plan.local.proximal_mu
+        if plan.local.dtp and plan.privacy is not None and PrivacySpec.parse(plan.privacy).dp_sgd:
+            # DTP's weights come from earlier batches, i.e. other patients: each patient's clipped
+            # gradient would then depend on other patients' data, which DP-SGD's accounting excludes.
+            raise ValueError("plan.local.dtp cannot run with DP-SGD (plan.privacy 'dp_sgd'): its loss weights "
+                             "depend on other patients' data; remove one of them")
+        self.dtp = DynamicTaskPriority(plan.local.dtp, self.present) if plan.local.dtp else None
+        # one loss per task, over its 2 channels (background-or-other, the class)
+        self.task_losses = {c: build_loss(plan, classes=[0, c]) for c in self.present} if self.dtp else {}
         self.params = [p for p in net.parameters() if p.requires_grad]
         # A copy, not a view: the anchor must not move as the optimiser steps.
         self.anchor = [p.detach().clone() for p in self.params] if self.mu > 0 else []
 
     def data_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The plan's loss on logits (B, C, *spatial) and index targets (B, 1, *spatial)."""
-        return self.loss_fn(*restrict_to_annotated(logits, target, self.present, self.merge))
+        """The plan's loss on logits (B, C, *spatial) and index targets (B, 1, *spatial);
+        with DTP, the weighted sum of the per-task losses (and the weights move with this batch)."""
+        if self.dtp is None:
+            return self.loss_fn(*restrict_to_annotated(logits, target, self.present, self.merge))
+        self.dtp.observe(soft_dice(logits, target, self.present, self.merge))
+        weights = self.dtp.weights()
+        total = None
+        for c in self.present:
+            term = weights[c] * self.task_losses[c](*restrict_to_annotated(logits, target, [c], self.merge))
+            total = term if total is None else total + term
+        return total
 
     def proximal(self) -> torch.Tensor | None:
         return proximal_term(self.params, self.anchor, self.mu) if self.mu > 0 else None

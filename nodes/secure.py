@@ -16,8 +16,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from voxgrid import tensors
+from voxgrid.privacy.mechanisms import distributed_share
 from voxgrid.privacy.secagg import SecAggClient, SecAggConfig, SecAggError, pack_words
-from voxgrid.wire import (AdvertisedKeys, EncryptedShare, Metrics, RevealedShare, RevealRequest, SecAggKeysRequest,
+from voxgrid.wire import (AdvertisedKeys, EncryptedShare, JobRequest, Metrics, RevealedShare, RevealRequest, SecAggKeysRequest,
                           SecAggSharesRequest, SecureAggregation)
 
 #: Rounds whose secrets a node keeps at once (all scientists together); the oldest go first.
@@ -55,6 +56,14 @@ def update_weight(secure: SecureAggregation, metrics: Metrics, config: SecAggCon
         raise SecureAggregationRefused(f"this update's weight {weight:g} ({secure.weight}) exceeds the round's "
                                        f"max_weight {config.max_weight:g}")
     return weight
+
+
+def noise_share(req: JobRequest, metrics: Metrics) -> float | None:
+    """This job's share of a distributed Gaussian filter's noise (None: not a secure job)."""
+    if req.secure is None:
+        return None
+    config = SecAggConfig.from_json(req.secure.config)
+    return distributed_share(update_weight(req.secure, metrics, config), config.max_weight, config.threshold)
 
 
 class NodeSecAgg:

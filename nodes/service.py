@@ -14,6 +14,7 @@ import re
 import sqlite3
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,17 @@ from pydantic import ValidationError
 import voxgrid
 from voxgrid import tensors
 from voxgrid.plan import Plan, PlanError
-from voxgrid.privacy import BudgetExceeded, BudgetStatus, Ledger, LedgerError, LedgerView, PrivacySpec, PrivacySpecError
-from voxgrid.wire import (NAME_RE, AuditEntry, BudgetSet, DatasetInfo, Estimate, EstimateRequest, Health, JobRequest,
-                          JobStatus, Metrics, NodeInfo, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.privacy import (BudgetExceeded, BudgetStatus, Ledger, LedgerError, LedgerView, PrivacySpec, PrivacySpecError,
+                             TrainingContext)
+from voxgrid.privacy.secagg import SecAggError
+from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
+                          EstimateRequest, Health, JobRequest, JobStatus, Metrics, NodeInfo, RevealedShare,
+                          RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
+                          TokenIssued, WeightsRef, WhoAmI)
 
 from .executor import Executor
 from .home import Home
+from .secure import NodeSecAgg, SecureAggregationRefused, parse_config
 from .store import NodeStore, new_job_id
 
 log = logging.getLogger("voxgrid.node")
@@ -145,11 +151,12 @@ class NodeService:
         self._weights = BlobCache(keep=4)
         self._updates = BlobCache(keep=8)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
+        self.secagg = NodeSecAgg(self.config.name, home.tls)
         self.executor: Executor | None = None
         if start_executor:
             # FedBN-style site-kept tensors persist in the home, so a restarted node keeps them.
             self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads,
-                                     state_dir=home.path / "local-state")
+                                     state_dir=home.path / "local-state", cache_dir=home.cache / "prepared")
             self._recover()
 
     def close(self) -> None:
@@ -247,6 +254,11 @@ class NodeService:
         except PrivacySpecError as exc:
             self.store.audit(caller.name, "job.refused", f"privacy spec refused: {exc}")
             raise Invalid(f"privacy spec refused by node {self.config.name!r}: {exc}") from exc
+        if req.kind == "train":
+            self._check_secure(caller, req)
+            if req.secure is None and spec is not None and spec.gaussian is not None and spec.gaussian.distributed:
+                raise Invalid("plan.privacy: a distributed 'gaussian_update' adds only a share of the noise at "
+                              "each node, so it needs secure aggregation (Experiment(secure_aggregation=True))")
         if req.weights_id not in self._weights and not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
             raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
         split = "train" if req.kind == "train" else req.split
@@ -260,7 +272,9 @@ class NodeService:
             # Reserve the spend before the job exists: a crash in between leaves a reservation with
             # no job (given back at the next start), never a job whose spend was not checked.
             try:
-                self.ledger.reserve(job_id, caller.name, req.dataset, spec)
+                # DP-SGD's cost depends on the train split's patients and the plan's schedule.
+                context = TrainingContext.of(plan, ds.volumes) if spec is not None and spec.dp_sgd else None
+                self.ledger.reserve(job_id, caller.name, req.dataset, spec, context)
             except BudgetExceeded as exc:
                 self.store.audit(caller.name, "job.refused", str(exc))
                 raise BudgetRefused(str(exc)) from exc
@@ -274,6 +288,19 @@ class NodeService:
                          f"round {req.round}, plan {plan.content_hash}")
         self._dispatch(job.job_id, req)
         return job.status(False)
+
+    def _check_secure(self, caller: Caller, req: JobRequest) -> None:
+        """A train job of an experiment that asked for secure aggregation must ask for it too."""
+        if req.secure is None:
+            if self.store.experiment_is_secure(caller.name, req.experiment_id):
+                self.store.audit(caller.name, "job.refused", f"unmasked job in secure experiment {req.experiment_id}")
+                raise Forbidden(f"experiment {req.experiment_id!r} asked for secure aggregation: node "
+                                f"{self.config.name!r} releases its updates only masked")
+            return
+        try:
+            parse_config(req.secure, self.config.name, req.experiment_id, req.round)
+        except SecureAggregationRefused as exc:
+            raise Invalid(f"secure aggregation refused by node {self.config.name!r}: {exc}") from None
 
     def _dispatch(self, job_id: str, req: JobRequest) -> None:
         ds = self.store.dataset(req.dataset)
@@ -367,25 +394,89 @@ class NodeService:
     def privacy_estimate(self, caller: Caller, req: EstimateRequest) -> Estimate:
         """What more releases would cost the caller on a dataset, against the budgets that apply."""
         self.require(caller, "scientist", "owner")
-        self._dataset(req.dataset)
+        ds = self._dataset(req.dataset)
         try:
             spec = PrivacySpec.parse(req.privacy)
         except PrivacySpecError as exc:
             raise Invalid(str(exc)) from exc
-        return self.ledger.estimate(req.dataset, caller.name, spec, req.releases)
+        context = None
+        if spec is not None and spec.dp_sgd:  # its cost depends on the plan's schedule and this dataset
+            if req.plan is None:
+                raise Invalid("a 'dp_sgd' estimate needs the plan (its batch size and epochs set the cost)")
+            try:
+                context = TrainingContext.of(Plan.model_validate(req.plan), ds.volumes)
+            except (ValidationError, PlanError, ValueError) as exc:
+                raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
+        return self.ledger.estimate(req.dataset, caller.name, spec, req.releases, context)
 
     def job_update(self, caller: Caller, job_id: str) -> bytes:
         self.require(caller, "scientist", "owner")
         job = self._own_job(caller, job_id)
+        if job.request.secure is not None:
+            raise Forbidden(f"job {job_id} is part of a secure aggregation: its update leaves this node only "
+                            "masked (POST /v1/secagg/masked)")
+        blob = self._released_update(job)
+        self.store.audit(caller.name, "update.release", f"job {job_id} on {job.request.dataset}")
+        return blob
+
+    def _released_update(self, job) -> bytes:
+        """The job's update bytes, once its release is in the ledger (invariant 5, checked where bytes leave)."""
+        job_id = job.job_id
         if job.state != "done" or not self._has_update(job_id):
             raise NotFound(f"job {job_id} has no update (state: {job.state})")
         entry = self.ledger.entry(job_id)
-        if entry is None or entry.state != "released":  # invariant 5, checked where the bytes leave
+        if entry is None or entry.state != "released":
             raise Forbidden(f"job {job_id}: its release is not recorded in the privacy ledger, so its update "
                             "is withheld")
-        self.store.audit(caller.name, "update.release", f"job {job_id} on {job.request.dataset}")
         blob = self._updates.get(job_id)
         return blob if blob is not None else (self.home.updates / f"{job_id}.safetensors").read_bytes()
+
+    # secure aggregation (voxgrid.privacy.secagg; the node's side is nodes/secure.py) -------------
+    @contextmanager
+    def _secagg_refusals(self, caller: Caller, what: str):
+        try:
+            yield
+        except SecAggError as exc:  # a protocol violation: a swapped key, a replay, a forbidden reveal
+            self.store.audit(caller.name, "secagg.refused", f"{what}: {exc}")
+            raise Forbidden(f"secure aggregation {what} refused by node {self.config.name!r}: {exc}") from None
+        except SecureAggregationRefused as exc:
+            self.store.audit(caller.name, "secagg.refused", f"{what}: {exc}")
+            raise Invalid(f"secure aggregation {what} refused by node {self.config.name!r}: {exc}") from None
+
+    def secagg_keys(self, caller: Caller, req: SecAggKeysRequest) -> AdvertisedKeys:
+        """Fresh key pairs for one round, signed with this node's identity."""
+        self.require(caller, "scientist", "owner")
+        self._dataset(req.dataset)
+        with self._secagg_refusals(caller, "keys"):
+            return self.secagg.keys(caller.name, req)
+
+    def secagg_shares(self, caller: Caller, req: SecAggSharesRequest) -> list[EncryptedShare]:
+        """Checks every node's signed keys, returns this node's secrets split and encrypted for each."""
+        self.require(caller, "scientist", "owner")
+        with self._secagg_refusals(caller, "key shares"):
+            return self.secagg.shares(caller.name, req)
+
+    def secagg_masked(self, caller: Caller, req: SecAggMaskedRequest) -> bytes:
+        """A secure-aggregation train job's update, masked: the only form in which it leaves."""
+        self.require(caller, "scientist", "owner")
+        job = self._own_job(caller, req.job_id)
+        if job.request.secure is None:
+            raise Invalid(f"job {req.job_id} was not submitted for secure aggregation; "
+                          f"its update is at GET /v1/jobs/{req.job_id}/update")
+        blob = self._released_update(job)
+        with self._secagg_refusals(caller, "masked input"):
+            words = self.secagg.mask(caller.name, job.job_id, job.request.secure, job.metrics, blob, req.inbox)
+        self.store.audit(caller.name, "update.release", f"job {job.job_id} on {job.request.dataset}, masked")
+        return words
+
+    def secagg_reveal(self, caller: Caller, req: RevealRequest) -> list[RevealedShare]:
+        """The shares the aggregator needs to unmask the sum, never both kinds for one node."""
+        self.require(caller, "scientist", "owner")
+        with self._secagg_refusals(caller, "reveal"):
+            shares = self.secagg.reveal(caller.name, req)
+        self.store.audit(caller.name, "secagg.reveal", f"experiment {req.experiment_id} round {req.round}: "
+                                                       f"{len(req.survivors)} survivors, dropped {req.dropped}")
+        return shares
 
     # owner -------------------------------------------------------------------------------------
     def issue_token(self, caller: Caller, req: TokenIssue) -> TokenIssued:

@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     split TEXT NOT NULL,
     series_uid TEXT,
     resample INTEGER NOT NULL DEFAULT 0,
+    patient TEXT,
     PRIMARY KEY (dataset, case_id)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -53,6 +54,7 @@ class VolumeRecord:
     split: str
     series_uid: str | None = None  # DICOM: which series of the image folder (None: the folder's only one)
     allow_resample: bool = False  # DICOM: uneven gaps / gantry tilt were accepted (resampled) at registration
+    patient: str | None = None  # the patient this volume is of (DP-SGD's unit of privacy); None: its own patient
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def new_job_id() -> str:
 
 
 # Columns added after the first release: (name, declaration) for node.db files created before them.
-_VOLUME_COLUMNS = (("series_uid", "TEXT"), ("resample", "INTEGER NOT NULL DEFAULT 0"))
+_VOLUME_COLUMNS = (("series_uid", "TEXT"), ("resample", "INTEGER NOT NULL DEFAULT 0"), ("patient", "TEXT"))
 
 
 class NodeStore(Database):
@@ -123,10 +125,10 @@ class NodeStore(Database):
             c.execute("INSERT INTO datasets VALUES (?,?,?,?,?,?)",
                       (name, description, json.dumps(tags), modality,
                        json.dumps({str(k): v for k, v in label_names.items()}), now()))
-            c.executemany("INSERT INTO volumes (dataset, case_id, image, label, kind, split, series_uid, resample) "
-                          "VALUES (?,?,?,?,?,?,?,?)",
-                          [(name, v.case_id, v.image, v.label, v.kind, v.split, v.series_uid, int(v.allow_resample))
-                           for v in volumes])
+            c.executemany("INSERT INTO volumes (dataset, case_id, image, label, kind, split, series_uid, resample, "
+                          "patient) VALUES (?,?,?,?,?,?,?,?,?)",
+                          [(name, v.case_id, v.image, v.label, v.kind, v.split, v.series_uid, int(v.allow_resample),
+                            v.patient) for v in volumes])
         self.audit("owner", "dataset.add", f"{name}: {len(volumes)} volumes, tags {tags}")
 
     def remove_dataset(self, name: str) -> None:
@@ -142,7 +144,7 @@ class NodeStore(Database):
             return None
         r = rows[0]
         vols = [VolumeRecord(v["case_id"], v["image"], v["label"], v["kind"], v["split"], v["series_uid"],
-                             bool(v["resample"])) for v in self.query(
+                             bool(v["resample"]), v["patient"]) for v in self.query(
             "SELECT * FROM volumes WHERE dataset=? ORDER BY case_id", (name,))]
         return DatasetRecord(r["name"], r["description"], json.loads(r["tags"]), r["modality"],
                              {int(k): v for k, v in json.loads(r["label_names"]).items()}, vols)
@@ -164,6 +166,12 @@ class NodeStore(Database):
                             (scientist, request.model_dump_json())):
             return self._job(r)
         return None
+
+    def experiment_is_secure(self, scientist: str, experiment_id: str) -> bool:
+        """Whether any of the scientist's train jobs in this experiment asked for secure aggregation."""
+        rows = self.query("SELECT 1 FROM jobs WHERE scientist=? AND json_extract(request, '$.experiment_id')=? "
+                          "AND json_extract(request, '$.secure') IS NOT NULL LIMIT 1", (scientist, experiment_id))
+        return bool(rows)
 
     def set_job(self, job_id: str, state: str, *, error: str | None = None, metrics: Metrics | None = None) -> None:
         with self.transaction() as c:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -23,8 +24,12 @@ from voxgrid.plan import Plan, build_network, build_optimizer, build_transforms,
 from voxgrid.tensors import StateDict, check_compatible
 from voxgrid.wire import Metrics
 
+from voxgrid.privacy import PrivacySpec
+from voxgrid.privacy.mechanisms import secure_generator
+from voxgrid.privacy.spec import DPSGD, TrainingContext
+
 from .local_state import LocalState
-from .objective import LocalObjective
+from .objective import LocalObjective, freeze_except
 
 
 @dataclass
@@ -44,27 +49,62 @@ def label_lut(site_labels: dict[int, str], plan: Plan) -> np.ndarray:
     return lut
 
 
-def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan) -> PreparedData:
-    """Load every volume of a dataset and apply the plan's preprocessing (deterministic transforms)."""
+def _prepare_one(v: dict, pre, lut: np.ndarray) -> dict:
+    source = VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"],
+                          series_uid=v.get("series_uid"))
+    vol = load_volume(source, allow_resample=bool(v.get("allow_resample", False)))
+    if vol.label is None:
+        raise ValueError(f"volume {v['case_id']} has no label map; training needs labels")
+    affine = torch.as_tensor(vol.affine, dtype=torch.float64)
+    item = {
+        "image": MetaTensor(torch.as_tensor(vol.image, dtype=torch.float32)[None], affine=affine),
+        "label": MetaTensor(torch.as_tensor(lut[vol.label.astype(np.int64)], dtype=torch.float32)[None], affine=affine),
+    }
+    return pre(item) if pre is not None else item
+
+
+def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan, cache=None) -> PreparedData:
+    """Load every volume of a dataset and apply the plan's preprocessing (deterministic transforms).
+
+    ``cache`` (a :class:`.prepcache.PrepCache`): take each prepared volume from the node's disk cache
+    when its source, pipeline and label mapping are unchanged, and store the ones built."""
     pre = Compose(build_transforms(plan.preprocessing)) if plan.preprocessing else None
     lut = label_lut(site_labels, plan)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for v in volumes:
-        source = VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"],
-                              series_uid=v.get("series_uid"))
-        vol = load_volume(source, allow_resample=bool(v.get("allow_resample", False)))
-        if vol.label is None:
-            raise ValueError(f"volume {v['case_id']} has no label map; training needs labels")
-        affine = torch.as_tensor(vol.affine, dtype=torch.float64)
-        item = {
-            "image": MetaTensor(torch.as_tensor(vol.image, dtype=torch.float32)[None], affine=affine),
-            "label": MetaTensor(torch.as_tensor(lut[vol.label.astype(np.int64)], dtype=torch.float32)[None], affine=affine),
-        }
-        if pre is not None:
-            item = pre(item)
+        if cache is None:
+            item = _prepare_one(v, pre, lut)
+        else:
+            item = cache.fetch(v, plan.preprocessing, plan.labels, lut, lambda v=v: _prepare_one(v, pre, lut))
+        # The unit of privacy for DP-SGD: the volume's patient, else the volume itself (one volume, one patient).
+        item = {**item, "patient": v.get("patient") or v["case_id"]}
         splits[v["split"]].append(item)
     present = {plan.labels.index(n) for n in site_labels.values() if n in plan.labels}
     return PreparedData(splits, present)
+
+
+def refuse_for_dp_sgd(plan: Plan, net: torch.nn.Module) -> None:
+    """Raise ValueError naming what in the plan DP-SGD cannot train soundly.
+
+    Layers are refused, not replaced: replacing batch norm at one node would change the network's
+    tensors, and its update would no longer fit the federation's model. The scientist changes the
+    plan instead (e.g. ``"norm": "instance"`` for MONAI's UNet).
+    """
+    problems = []
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            problems.append(f"layer {name!r} ({type(m).__name__}): batch norm mixes the patients of a batch, "
+                            "so no per-patient gradient exists; use instance, group or layer norm "
+                            "(e.g. \"norm\": \"instance\" in plan.network)")
+        elif list(m.buffers(recurse=False)):
+            problems.append(f"layer {name!r} ({type(m).__name__}): its running statistics "
+                            f"({', '.join(n for n, _ in m.named_buffers(recurse=False))}) follow the patients "
+                            "without noise; use a layer without them (e.g. track_running_stats off)")
+    if plan.local.dtp is not None:
+        problems.append("plan.local.dtp: dynamic task priority weighs every patient's loss by the batch's Dice, "
+                        "so one patient changes the others' gradients and clipping no longer bounds them")
+    if problems:
+        raise ValueError("DP-SGD (plan.privacy 'dp_sgd') cannot train this plan:\n" + "\n".join(problems))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -98,6 +138,9 @@ class Trainer:
         """
         if not data:
             raise ValueError("the dataset's train split is empty")
+        spec = PrivacySpec.parse(plan.privacy)
+        if spec is not None and spec.dp_sgd is not None:
+            return self.train_dp_sgd(plan, net, data, seed, present, spec.dp_sgd)
         torch.manual_seed(seed)
         rng = random.Random(seed)
         keys = ["image", "label"]
@@ -136,6 +179,80 @@ class Trainer:
                 losses.append(float(data_loss.detach()))  # comparable across strategies
                 steps += 1
         return float(np.mean(losses)), steps
+
+    def train_dp_sgd(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int, present: set[int],
+                     f: DPSGD) -> tuple[None, int]:
+        """Patient-level DP-SGD (see :class:`voxgrid.privacy.spec.DPSGD`); returns (None, optimiser steps).
+
+        Each step Poisson-samples the patients at rate q, takes one random patch of one random
+        volume of each sampled patient, and hands the per-patient gradients to Opacus's
+        ``DPOptimizer``, which clips each to ``max_grad_norm``, adds Gaussian noise to their sum
+        and divides by the expected batch (q * patients). A step with no patient sampled still
+        adds its noise: the analysis counts every step.
+
+        Per-patient gradients come from one backward pass per sampled patient (microbatches of
+        one, as TF Privacy does), not from Opacus's ``GradSampleModule``: on the skeleton's
+        benchmark UNet at 32^3, batch 2 (CPU, one thread) the gradients took 1.8 times the plain
+        forward/backward this way, against 3.4 times with Opacus's hooks and 2.9 with its
+        functorch mode; and a patient's gradient then cannot depend on the other patients of the
+        batch whatever the loss does (the hooks are right only for losses that are sums over
+        samples). Clipping, noise and their accounting stay Opacus's.
+        FedProx's proximal term depends on the weights only, not on any patient: its gradient is
+        added after the noise. No mixed precision (fp32 clipping).
+        The training loss is not reported (None): it is a statistic of the patients released
+        without noise.
+        """
+        from opacus.optimizers import DPOptimizer
+
+        refuse_for_dp_sgd(plan, net)
+        patients: dict[str, list[dict]] = {}
+        for item in data:
+            patients.setdefault(item.get("patient", id(item)), []).append(item)
+        groups = list(patients.values())
+        q, n_steps = f.schedule(TrainingContext(len(groups), plan.batch_size, plan.local_epochs,
+                                                plan.steps_per_epoch))
+        torch.manual_seed(seed)
+        # Who is sampled must stay secret (privacy amplification by subsampling assumes it), so the
+        # sampling uses the OS's entropy, never the scientist's seed; noise too (secure_generator).
+        secret = secrets.SystemRandom()
+        keys = ["image", "label"]
+        crop = Compose([
+            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
+            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=plan.patch_size,
+                                   pos=plan.pos_neg[0], neg=plan.pos_neg[1], num_samples=1, allow_smaller=False),
+            *build_transforms(plan.augmentation),
+        ])
+        crop.set_random_state(seed=secret.randrange(2**31))
+        objective = LocalObjective(plan, present, net)
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = DPOptimizer(build_optimizer(plan, params), noise_multiplier=f.noise_multiplier,
+                          max_grad_norm=f.max_grad_norm, expected_batch_size=q * len(groups),
+                          loss_reduction="mean", generator=secure_generator())
+        net.train()
+        try:
+            for _ in range(n_steps):
+                batch = [crop(secret.choice(g))[0] for g in groups if secret.random() < q]
+                opt.zero_grad(set_to_none=True)
+                per_patient = [torch.empty((len(batch), *p.shape), device=p.device, dtype=p.dtype) for p in params]
+                for i, s in enumerate(batch):  # one patient, one backward pass: its own gradient
+                    x = s["image"].as_tensor()[None].to(self.device)
+                    y = s["label"].as_tensor()[None].to(self.device)
+                    for buf, g in zip(per_patient, torch.autograd.grad(objective.data_loss(net(x), y), params,
+                                                                       allow_unused=True)):
+                        buf[i] = 0 if g is None else g
+                for p, g in zip(params, per_patient):  # (0, ...) when nobody was sampled: noise only
+                    p.grad_sample = g
+                if opt.pre_step():  # clip, sum, noise, scale: p.grad is now the private gradient
+                    prox = objective.proximal()
+                    if prox is not None:
+                        for p, g in zip(params, torch.autograd.grad(prox, params)):
+                            p.grad += g
+                    opt.original_optimizer.step()
+        finally:  # the network stays cached for the next job: leave no DP state on it
+            for p in params:
+                p.summed_grad = None
+                p.grad_sample = None
+        return None, n_steps
 
     @torch.no_grad()
     def evaluate(self, plan: Plan, net: torch.nn.Module, data: list[dict], present: set[int]) -> dict[str, float | None]:
@@ -181,7 +298,12 @@ def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights
     net = trainer.network(plan, weights)
     loss, steps, delta, samples = None, 0, None, len(data.splits["train"])
     if kind == "train":
-        loss, steps = trainer.train(plan, net, data.splits["train"], seed, data.present)
+        frozen = freeze_except(net, plan.local.train_only)  # plan.local.train_only: e.g. fine-tune the head only
+        try:
+            loss, steps = trainer.train(plan, net, data.splits["train"], seed, data.present)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         trained = net.state_dict()
         delta = {k: (torch.zeros(weights[k].shape) if k in keep else trained[k].detach().float().cpu() - weights[k].float())
                  for k in weights}

@@ -8,7 +8,7 @@ Importing this package does not load Opacus: the accountant imports it on first 
 
 from .ledger import BudgetExceeded, Ledger, LedgerError
 from .records import BudgetCheck, BudgetStatus, Estimate, LedgerEntry, LedgerView, Receipt, Refusal
-from .spec import PrivacySpec, PrivacySpecError
+from .spec import PrivacySpec, PrivacySpecError, TrainingContext
 
 __all__ = ["BudgetCheck", "BudgetExceeded", "BudgetStatus", "Estimate", "Ledger", "LedgerEntry", "LedgerError",
-           "LedgerView", "PrivacySpec", "PrivacySpecError", "Receipt", "Refusal"]
+           "LedgerView", "PrivacySpec", "PrivacySpecError", "Receipt", "Refusal", "TrainingContext"]

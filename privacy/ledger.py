@@ -6,7 +6,11 @@ concurrent jobs cannot both squeeze under the limit), *released* (committed with
 before anything left. Reserved and released entries both count as spent.
 
 Cumulative spend composes the releases' Gaussian events with the RDP accountant at the budget's
-delta; a release without DP makes the spend of its scope unbounded (``math.inf``).
+delta; a release without DP makes the spend of its scope unbounded (``math.inf``). Budgets are
+enforced with RDP; receipts also state the tighter PRV figure (see :mod:`.accountant`).
+
+A DP-SGD job's events depend on the dataset (patients in the train split) and the plan (batch
+size, epochs, steps): the node passes them as a :class:`~.spec.TrainingContext` (``context``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .accountant import GaussianEvent, epsilon
+from .accountant import GaussianEvent, epsilon, tighter_epsilon
 from .records import BudgetCheck, BudgetStatus, Estimate, LedgerEntry, LedgerView, Receipt, Refusal
-from .spec import PrivacySpec
+from .spec import PrivacySpec, TrainingContext
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS privacy_ledger (
@@ -191,15 +195,20 @@ class Ledger:
         events, all_dp = self._scope(dataset, scientist)
         return epsilon(events, delta) if all_dp else math.inf
 
+    def spent_tighter(self, dataset: str, scientist: str | None = None, delta: float = 1e-5) -> float:
+        """:meth:`spent` by the tighter of the PRV and RDP accountants (reports; budgets use RDP)."""
+        events, all_dp = self._scope(dataset, scientist)
+        return tighter_epsilon(events, delta) if all_dp else math.inf
+
     def remaining(self, dataset: str, scientist: str | None = None) -> float | None:
         """Epsilon left under the tightest budget that applies (None: no budget applies)."""
         return min((b.remaining for b in self._applicable(dataset, scientist)), default=None)
 
     def project(self, dataset: str, scientist: str | None, spec: PrivacySpec | None,
-                releases: int = 1) -> list[Check]:
+                releases: int = 1, context: TrainingContext | None = None) -> list[Check]:
         """The cost of ``releases`` jobs with ``spec`` against every budget that applies to (dataset, scientist)."""
         checks = []
-        new = (spec.events() if spec else []) * releases
+        new = (spec.events(context) if spec else []) * releases
         for b in self._applicable(dataset, scientist):
             events, all_dp = self._scope(dataset, b.scientist)
             spent = epsilon(events, b.delta) if all_dp else math.inf
@@ -212,7 +221,8 @@ class Ledger:
             checks.append(Check(b, spent, projected, max(0.0, b.epsilon - spent)))
         return checks
 
-    def estimate(self, dataset: str, scientist: str, spec: PrivacySpec | None, releases: int = 1) -> Estimate:
+    def estimate(self, dataset: str, scientist: str, spec: PrivacySpec | None, releases: int = 1,
+                 context: TrainingContext | None = None) -> Estimate:
         """What ``releases`` more jobs with ``spec`` would cost, and whether each applicable budget allows it."""
         if releases < 1:
             raise ValueError(f"releases must be >= 1, got {releases}")
@@ -223,26 +233,32 @@ class Ledger:
 
         checks = [BudgetCheck(scientist=c.budget.scientist, epsilon=c.budget.epsilon, delta=c.budget.delta,
                               spent=finite(c.spent), projected=finite(c.projected), remaining=c.remaining, fits=c.ok)
-                  for c in self.project(dataset, scientist, spec, releases)]
+                  for c in self.project(dataset, scientist, spec, releases, context)]
         return Estimate(dataset=dataset, scientist=scientist, mechanism=spec.name if spec else "none", dp=dp,
-                        releases=releases, delta=spec.gaussian.delta if dp else None, budgets=checks,
-                        epsilon_per_release=epsilon(spec.events(), spec.gaussian.delta) if dp else None)
+                        releases=releases, delta=spec.delta if dp else None, budgets=checks,
+                        epsilon_per_release=epsilon(spec.events(context), spec.delta) if dp else None,
+                        epsilon_per_release_prv=tighter_epsilon(spec.events(context), spec.delta) if dp else None,
+                        parameters=spec.parameters(context) if spec else [])
 
     # entries -----------------------------------------------------------------------------------
-    def reserve(self, job_id: str, scientist: str, dataset: str, spec: PrivacySpec | None) -> LedgerEntry:
-        """Check every applicable budget and record the job's spend, atomically; raises BudgetExceeded."""
+    def reserve(self, job_id: str, scientist: str, dataset: str, spec: PrivacySpec | None,
+                context: TrainingContext | None = None) -> LedgerEntry:
+        """Check every applicable budget and record the job's spend, atomically; raises BudgetExceeded.
+
+        ``context``: the dataset and plan figures a DP-SGD chain's cost depends on (required then).
+        """
         mechanism = spec.name if spec else "none"
+        events = spec.events(context) if spec else []  # before the transaction: a bad context raises here
         with self._transaction() as c:
-            failed = [ch for ch in self.project(dataset, scientist, spec) if not ch.ok]
+            failed = [ch for ch in self.project(dataset, scientist, spec, 1, context) if not ch.ok]
             if not failed:
-                params = [f.model_dump() for f in spec.filters] if spec else []
-                eps = epsilon(spec.events(), spec.gaussian.delta) if spec and spec.dp else None
+                params = spec.parameters(context) if spec else []
+                eps = epsilon(events, spec.delta) if spec and spec.dp else None
                 c.execute("INSERT INTO privacy_ledger(job_id, scientist, dataset, state, reserved_at, mechanism, "
                           "parameters, events, dp, epsilon, delta) VALUES (?,?,?,'reserved',?,?,?,?,?,?,?)",
                           (job_id, scientist, dataset, _now(), mechanism, json.dumps(params),
-                           json.dumps([[e.noise_multiplier, e.sample_rate, e.steps] for e in spec.events()]
-                                      if spec else []),
-                           int(bool(spec and spec.dp)), eps, spec.gaussian.delta if spec and spec.dp else None))
+                           json.dumps([[e.noise_multiplier, e.sample_rate, e.steps] for e in events]),
+                           int(bool(spec and spec.dp)), eps, spec.delta if spec and spec.dp else None))
         if failed:
             worst = max(failed, key=lambda ch: ch.spent + ch.projected - ch.budget.epsilon)
             message = worst.message(mechanism)
@@ -326,11 +342,21 @@ class Ledger:
                            note=f"NOT differentially private: {why}. No epsilon is stated because none holds.")
         events, all_dp = self._scope(r["dataset"], r["scientist"], up_to_id=r["id"])
         cumulative = epsilon(events, r["delta"]) if all_dp else None
-        note = ("Gaussian mechanism on the update clipped to L2 norm `clip` (sensitivity 2*clip: one patient "
-                "added, removed or replaced), accounted with Opacus's RDP accountant; cumulative: every "
-                "release of this dataset to this scientist so far, at the same delta.")
+        own = [GaussianEvent(*e) for e in json.loads(r["events"])]
+        if r["mechanism"].startswith("dp_sgd"):
+            p = params[0]
+            note = (f"Patient-level DP-SGD in local training (Opacus): each of {p.get('steps')} steps Poisson-samples "
+                    f"patients at rate {p.get('sample_rate', 0):.4g}, clips each patient's gradient to L2 norm "
+                    f"{p['max_grad_norm']:g} and adds Gaussian noise (multiplier {p['noise_multiplier']:g}); the "
+                    "unit of privacy is the patient (all of a patient's volumes together).")
+        else:
+            note = ("Gaussian mechanism on the update clipped to L2 norm `clip` (sensitivity 2*clip: one patient "
+                    "added, removed or replaced).")
+        note += (" epsilon: Opacus's RDP accountant (budgets use it); epsilon_prv: the tighter PRV accountant. "
+                 "Cumulative: every release of this dataset to this scientist so far, at the same delta.")
         if cumulative is None:
             note += (" No cumulative bound holds: an earlier release of this dataset to this scientist was not "
                      "differentially private.")
         return Receipt(**base, dp=True, epsilon=r["epsilon"], delta=r["delta"], cumulative_epsilon=cumulative,
-                       note=note)
+                       epsilon_prv=tighter_epsilon(own, r["delta"]),
+                       cumulative_epsilon_prv=tighter_epsilon(events, r["delta"]) if all_dp else None, note=note)

@@ -2,6 +2,27 @@
 
 Noise comes only from the generator passed in. At a node it must be :func:`secure_generator`,
 never a seed the scientist chose: whoever knows the seed can subtract the noise.
+
+DP-SGD (``dp_sgd``) is not here: it acts inside local training (``nodes.training``), and
+:func:`apply_filters` passes over it.
+
+Why there is no sparse vector technique (SVT) filter. The federated brain-tumour work (Li et al.
+2019, "Privacy-preserving federated brain tumour segmentation") clips each update entry to
+[-gamma, gamma], then uses SVT (after Lyu et al. 2017) to choose which entries pass a noisy
+threshold and shares those entries with noise, stating epsilon for that selection. As we read it,
+the figure is not a patient-level guarantee for what leaves the site, so we do not offer it:
+
+* One patient moves every one of the d entries at once (d ~ 10^6). SVT's cost grows linearly with
+  the number c of "above threshold" answers (and every released value is a further Laplace
+  release), so sharing a fraction of d entries costs c * (per-answer epsilon): composed over all
+  shared entries and all rounds the bound is orders of magnitude above the per-selection figure.
+* Calibrating instead to the whole vector (clip the update to L2 norm C) makes the per-entry
+  noise scale with C*sqrt(d) in L1 terms: the selection becomes noise.
+* A threshold taken as a percentile of the same update is itself data-dependent and must be paid
+  for; SVT's proof assumes it is fixed or released privately.
+Made sound, it is dominated by what we offer: clip + Gaussian noise (``gaussian_update``, or
+DP-SGD) followed by percentile sharing gives one (epsilon, delta) for the whole update, and the
+top-k selection after noise is post-processing, at no further cost.
 """
 
 from __future__ import annotations
@@ -11,7 +32,7 @@ import secrets
 
 import torch
 
-from .spec import GaussianUpdate, Percentile, PrivacySpec
+from .spec import DPSGD, GaussianUpdate, Percentile, PrivacySpec
 
 Update = dict[str, torch.Tensor]
 
@@ -66,14 +87,43 @@ def percentile(update: Update, *, fraction: float) -> Update:
     return out
 
 
-def apply_filters(spec: PrivacySpec, update: Update, generator: torch.Generator) -> Update:
-    """Run the spec's filter chain, in order, over the update."""
+def distributed_share(weight: float, max_weight: float, threshold: int) -> float:
+    """The fraction of a distributed Gaussian filter's noise std one node adds before its update is
+    weighted and securely summed.
+
+    Node i releases ``w_i * (clip(u_i) + N(0, (s_i * sigma * C)^2))``. With ``s_i = max_weight /
+    (w_i * sqrt(t))`` every weighted share has std ``sigma * C * max_weight / sqrt(t)``, so the sum of
+    at least ``t`` of them has std >= ``sigma * C * max_weight``, while one patient moves the sum by at
+    most ``2 * C * w_i <= 2 * C * max_weight``: the sum is the filter's Gaussian mechanism. A node of
+    weight 0 contributes nothing (its weighted update is zero) and adds no noise.
+    """
+    if threshold < 1 or max_weight <= 0 or weight < 0 or weight > max_weight:
+        raise ValueError(f"distributed noise needs 0 <= weight <= max_weight and threshold >= 1, got weight "
+                         f"{weight}, max_weight {max_weight}, threshold {threshold}")
+    return 0.0 if weight == 0 else max_weight / (weight * math.sqrt(threshold))
+
+
+def apply_filters(spec: PrivacySpec, update: Update, generator: torch.Generator, *,
+                  noise_share: float | None = None) -> Update:
+    """Run the spec's filter chain, in order, over the update.
+
+    ``noise_share``: for a ``distributed`` Gaussian filter, the fraction of its noise std this node
+    adds (:func:`distributed_share`); such a filter without one is refused.
+    """
     for f in spec.filters:
         if isinstance(f, GaussianUpdate):
-            update = gaussian_update(update, clip_norm=f.clip, noise_multiplier=f.noise_multiplier,
+            share = 1.0
+            if f.distributed:
+                if noise_share is None:
+                    raise ValueError("a distributed 'gaussian_update' adds only a share of the noise, so it needs "
+                                     "secure aggregation (Experiment(secure_aggregation=True))")
+                share = noise_share
+            update = gaussian_update(update, clip_norm=f.clip, noise_multiplier=f.noise_multiplier * share,
                                      generator=generator)
         elif isinstance(f, Percentile):
             update = percentile(update, fraction=f.fraction)
+        elif isinstance(f, DPSGD):
+            continue  # applied in local training (nodes.training); the update is already its output
         else:  # a new filter type must be wired here before any plan may use it
             raise TypeError(f"no implementation for privacy filter {f.mechanism!r}")
     return update

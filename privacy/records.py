@@ -29,11 +29,15 @@ class Receipt(_Record):
     cumulative_epsilon: float | None = Field(
         description="epsilon of every release of this dataset to this scientist so far, at `delta`; "
                     "None when no bound holds (dp false now or earlier)")
+    epsilon_prv: float | None = Field(None, description="this release alone by the tighter PRV accountant "
+                                                        "(the smaller of PRV and RDP); None when dp is false")
+    cumulative_epsilon_prv: float | None = Field(None, description="cumulative_epsilon by the PRV accountant")
     note: str
 
     @model_validator(mode="after")
     def _no_number_without_dp(self) -> Receipt:
-        if not self.dp and (self.epsilon is not None or self.cumulative_epsilon is not None):
+        if not self.dp and any(x is not None for x in (self.epsilon, self.cumulative_epsilon, self.epsilon_prv,
+                                                        self.cumulative_epsilon_prv)):
             raise ValueError("a release that is not differentially private states no epsilon")
         return self
 
@@ -99,7 +103,10 @@ class Estimate(_Record):
     dp: bool
     releases: int
     epsilon_per_release: float | None = Field(description="one release alone, at the chain's delta; None if not DP")
+    epsilon_per_release_prv: float | None = Field(None, description="the same by the tighter PRV accountant")
     delta: float | None = None
+    parameters: list[dict[str, Any]] = Field([], description="each filter's parameters; DP-SGD's with the "
+                                                              "sample rate and steps this dataset and plan give")
     budgets: list[BudgetCheck]
 
 

@@ -1,8 +1,9 @@
 """The owner's privacy report: JSON data and a self-contained HTML page (inline SVG, no scripts).
 
 Shows, per dataset and scientist, the cumulative epsilon after each release (composed with the
-RDP accountant at the budget's delta), the mechanisms and their parameters, budgets and what
-remains, and refused jobs. A release without DP is marked as such; no epsilon is drawn past it.
+RDP accountant at the budget's delta; the total also by the tighter PRV accountant), the
+mechanisms and their parameters (DP-SGD's with its sample rate, steps and patient count),
+budgets and what remains, and refused jobs. A release without DP is marked as such; no epsilon is drawn past it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def _series(ledger: Ledger, view: LedgerView, dataset: str, scientist: str | Non
     points = [{"at": e.released_at, "job_id": e.job_id, "mechanism": e.mechanism, "dp": e.dp,
                "cumulative_epsilon": None if math.isinf(eps) else eps}
               for e, eps in ledger.history(dataset, scientist, delta)]
-    return {"dataset": dataset, "scientist": scientist, "delta": delta, "points": points}
+    tighter = ledger.spent_tighter(dataset, scientist, delta)
+    return {"dataset": dataset, "scientist": scientist, "delta": delta, "points": points,
+            "epsilon_prv": None if math.isinf(tighter) else tighter}
 
 
 def build(ledger: Ledger) -> dict:
@@ -110,8 +113,11 @@ def render_html(report: dict) -> str:
     charts = []
     for s in report["series"]:
         who = s["scientist"] or "all scientists"
+        prv = s.get("epsilon_prv")
+        tighter = (f"<p>Total by the tighter PRV accountant: epsilon={fmt_epsilon(prv)} at delta={s['delta']:g}</p>"
+                   if prv is not None else "")
         charts.append(f"<h3>{html.escape(s['dataset'])} — {html.escape(who)}</h3>"
-                      + _svg(s, budgets.get((s["dataset"], s["scientist"]))))
+                      + _svg(s, budgets.get((s["dataset"], s["scientist"]))) + tighter)
     releases = [r | {"epsilon": r["epsilon"] if r["dp"] else None,
                      "guarantee": "DP" if r["dp"] else "NOT differentially private (no epsilon)"}
                 for r in report["releases"]]

@@ -5,12 +5,23 @@
     {"mechanism": "gaussian_update", "clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5}
     {"mechanism": "percentile", "fraction": 0.25}
     {"filters": [{"mechanism": "gaussian_update", ...}, {"mechanism": "percentile", "fraction": 0.25}]}
+    {"mechanism": "dp_sgd", "noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5}
+    {"filters": [{"mechanism": "dp_sgd", ...}, {"mechanism": "percentile", "fraction": 0.25}]}
 
-A single filter is shorthand for a chain of one. Filters run in the order given.
+A single filter is shorthand for a chain of one. Filters run in the order given; ``dp_sgd`` acts
+during local training, so it must come first, before the filters on the finished update.
+
+A chain adds noise at most once (one ``gaussian_update`` or one ``dp_sgd``, not both): the update
+of a DP-SGD job is already differentially private, and noise added to it afterwards is
+post-processing that costs accuracy without changing the bound the ledger can state (a second
+noise layer could only be accounted as a second release, which overstates the cost).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,9 +48,17 @@ class GaussianUpdate(_Filter):
     clip: float = Field(gt=0, description="L2 norm bound of the whole update, in weight units")
     noise_multiplier: float = Field(gt=0, description="noise std divided by clip (unitless)")
     delta: float = Field(gt=0, lt=1, description="the delta the receipt's epsilon is stated at")
+    distributed: bool = Field(False, description=(
+        "distributed DP under secure aggregation: each node adds only its share of the noise, and the "
+        "secure sum of at least threshold nodes carries all of it; refused without secure aggregation"))
 
     def event(self) -> GaussianEvent:
-        """The release, for the accountant: one unsampled Gaussian step with sensitivity 2 * clip."""
+        """The release, for the accountant: one unsampled Gaussian step with sensitivity 2 * clip.
+
+        With ``distributed`` the same event holds for what the aggregator sees, the secure sum: every
+        node scales its share so that at least ``threshold`` weighted shares add up to the full noise
+        of the largest weighted contribution (see :func:`.mechanisms.distributed_share`).
+        """
         return GaussianEvent(noise_multiplier=self.noise_multiplier / UPDATE_SENSITIVITY_IN_CLIPS,
                              sample_rate=1.0, steps=1)
 
@@ -51,8 +70,64 @@ class Percentile(_Filter):
     fraction: float = Field(gt=0, le=1, description="share of entries kept, e.g. 0.25")
 
 
-Filter = Annotated[GaussianUpdate | Percentile, Field(discriminator="mechanism")]
-MECHANISMS = ("gaussian_update", "percentile")
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a DP-SGD job's cost depends on beyond its filter: the node's data and the plan's schedule.
+
+    ``patients``: distinct patients in the dataset's train split (the unit of privacy).
+    ``batch_size``, ``local_epochs``, ``steps_per_epoch``: the plan's fields of the same names.
+    """
+
+    patients: int
+    batch_size: int
+    local_epochs: int
+    steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        if self.patients < 1:
+            raise ValueError("DP-SGD needs at least one patient in the train split")
+
+    @classmethod
+    def of(cls, plan: Any, volumes: Iterable[Any]) -> TrainingContext:
+        """From a plan and a dataset's volume records (``split``, ``case_id``, optional ``patient``)."""
+        patients = {getattr(v, "patient", None) or v.case_id for v in volumes if v.split == "train"}
+        return cls(len(patients), plan.batch_size, plan.local_epochs, plan.steps_per_epoch)
+
+
+class DPSGD(_Filter):
+    """Patient-level DP-SGD in local training: per-patient gradient clipping + Gaussian noise.
+
+    The unit of privacy is the patient. Each optimiser step Poisson-samples the train split's
+    patients, each independently with probability ``q`` (``sample_rate``, or ``batch_size /
+    patients`` when not given), and each sampled patient contributes one random patch of one of
+    its volumes, so a per-sample gradient is a per-patient gradient. Each is clipped to L2 norm
+    ``max_grad_norm``; N(0, (noise_multiplier * max_grad_norm)^2) is added to their sum. The
+    job is ``steps`` = ``local_epochs * (steps_per_epoch or ceil(1 / q))`` such steps: one
+    accountant event (noise_multiplier, q, steps), the sampled Gaussian of Abadi et al. 2016.
+    """
+
+    mechanism: Literal["dp_sgd"]
+    noise_multiplier: float = Field(gt=0, description="noise std divided by max_grad_norm (unitless)")
+    max_grad_norm: float = Field(gt=0, description="L2 bound of one patient's gradient per step")
+    delta: float = Field(gt=0, lt=1, description="the delta the receipt's epsilon is stated at")
+    sample_rate: float | None = Field(None, gt=0, le=1, description="Poisson rate q per step; "
+                                      "None: plan batch_size / patients (capped at 1)")
+
+    def schedule(self, ctx: TrainingContext) -> tuple[float, int]:
+        """(q, steps) of one job with this filter in ``ctx``; the trainer runs exactly this."""
+        q = self.sample_rate if self.sample_rate is not None else min(1.0, ctx.batch_size / ctx.patients)
+        per_epoch = ctx.steps_per_epoch or math.ceil(1 / q)
+        return q, ctx.local_epochs * per_epoch
+
+    def event(self, ctx: TrainingContext) -> GaussianEvent:
+        """Sensitivity is max_grad_norm (add/remove one patient), so the multiplier is used as given."""
+        q, steps = self.schedule(ctx)
+        return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=steps)
+
+
+Filter = Annotated[GaussianUpdate | Percentile | DPSGD, Field(discriminator="mechanism")]
+MECHANISMS = ("gaussian_update", "percentile", "dp_sgd")
+NOISE = (GaussianUpdate, DPSGD)
 
 
 class PrivacySpec(_Filter):
@@ -61,8 +136,11 @@ class PrivacySpec(_Filter):
     @model_validator(mode="after")
     def _one_gaussian(self) -> PrivacySpec:
         # One noise calibration per release: two would be accounted twice for one output.
-        if sum(isinstance(f, GaussianUpdate) for f in self.filters) > 1:
-            raise ValueError("at most one 'gaussian_update' filter per chain")
+        if sum(isinstance(f, NOISE) for f in self.filters) > 1:
+            raise ValueError("at most one noise filter ('gaussian_update' or 'dp_sgd') per chain: a DP-SGD "
+                             "update is already differentially private, further noise only costs accuracy")
+        if any(isinstance(f, DPSGD) for f in self.filters[1:]):
+            raise ValueError("'dp_sgd' acts during local training, before any filter on the update: put it first")
         return self
 
     @classmethod
@@ -81,17 +159,45 @@ class PrivacySpec(_Filter):
         return next((f for f in self.filters if isinstance(f, GaussianUpdate)), None)
 
     @property
+    def dp_sgd(self) -> DPSGD | None:
+        return next((f for f in self.filters if isinstance(f, DPSGD)), None)
+
+    @property
+    def noise(self) -> GaussianUpdate | DPSGD | None:
+        """The chain's one noise filter, if any."""
+        return next((f for f in self.filters if isinstance(f, NOISE)), None)
+
+    @property
     def dp(self) -> bool:
         """Whether the chain is differentially private (it is iff it adds Gaussian noise)."""
-        return self.gaussian is not None
+        return self.noise is not None
+
+    @property
+    def delta(self) -> float | None:
+        """The delta epsilons of this chain are stated at (None if not DP)."""
+        return self.noise.delta if self.noise else None
 
     @property
     def name(self) -> str:
         """The chain as one word, e.g. ``"gaussian_update+percentile"``."""
         return "+".join(f.mechanism for f in self.filters)
 
-    def events(self) -> list[GaussianEvent]:
+    def events(self, context: TrainingContext | None = None) -> list[GaussianEvent]:
+        """The accountant events of one release. DP-SGD's depend on ``context`` (required then)."""
+        if self.dp_sgd is not None:
+            if context is None:
+                raise ValueError("a 'dp_sgd' chain's cost depends on the dataset and the plan: pass a TrainingContext")
+            return [self.dp_sgd.event(context)]
         return [self.gaussian.event()] if self.gaussian else []
+
+    def parameters(self, context: TrainingContext | None = None) -> list[dict]:
+        """Each filter's parameters for receipts, with DP-SGD's derived rate and steps when known."""
+        out = [f.model_dump() for f in self.filters]
+        if self.dp_sgd is not None and context is not None:
+            q, steps = self.dp_sgd.schedule(context)
+            out[0] = {**out[0], "sample_rate": q, "steps": steps, "patients": context.patients,
+                      "unit": "patient"}
+        return out
 
 
 def _describe(err: dict, shorthand: bool) -> str:

@@ -101,6 +101,29 @@ def test_a_node_killed_mid_round_is_dropped_and_the_others_sum_is_recovered(fede
     assert all(torch.equal(before[k], exp.global_weights[k]) for k in before)
 
 
+def test_distributed_dp_each_node_adds_a_share_and_the_sum_carries_the_full_noise(federation):
+    ptrs = federation.connect().search("#ct")
+    dp = {"mechanism": "gaussian_update", "clip": 1e-4, "noise_multiplier": 100.0, "delta": 1e-5, "distributed": True}
+    plan = _plan().model_copy(update={"privacy": dp})
+    plan = voxgrid.Plan.model_validate(plan.model_dump(mode="json"))
+    with pytest.raises(ValueError, match="needs secure_aggregation=True"):
+        voxgrid.Experiment(plan, ptrs, rounds=1, evaluate=False, name="dist-plain")
+    exp = voxgrid.Experiment(plan, ptrs, rounds=1, evaluate=False, name="dist", secure_aggregation=True, threshold=2)
+    blob, wid = exp._global_blob()
+    exp._put_weights(ptrs[0], blob, wid)
+    with pytest.raises(voxgrid.RequestRefused, match="needs secure aggregation"):  # the node checks it too
+        ptrs[0].client.submit(exp._job(ptrs[0], 0, wid, "train"))
+    start = {k: v.clone() for k, v in exp.global_weights.items()}
+    [r] = exp.run(progress=False)
+    assert all(s.ok for s in r.sites), r.sites
+    assert all(s.privacy["dp"] and s.privacy["epsilon"] > 0 for s in r.sites)
+    step = torch.cat([(exp.global_weights[k].float() - start[k].float()).reshape(-1) for k in start])
+    weights = [s.samples for s in r.sites]
+    # Each weighted share has std sigma*C*max_w/sqrt(t); three of them, divided by the total weight.
+    expected = 100.0 * 1e-4 * max(weights) * (3 / 2) ** 0.5 / sum(weights)
+    assert float(step.std()) == pytest.approx(expected, rel=0.05)
+
+
 def test_strategies_that_need_individual_updates_are_refused(federation):
     ptrs = federation.connect().search("#ct")
     for strategy, why in ((voxgrid.Median(), "median"), (voxgrid.DWA(), "loss history")):

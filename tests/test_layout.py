@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["voxgrid", "voxgrid.strategies", "voxgrid.nodes", "voxgrid.datasets", "voxgrid.privacy"]
+SUBPACKAGES = ["voxgrid", "voxgrid.strategies", "voxgrid.nodes", "voxgrid.datasets", "voxgrid.privacy",
+               "voxgrid.privacy.secagg"]
 
 
 def _imports(folder: Path) -> set[str]:

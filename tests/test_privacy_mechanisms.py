@@ -9,6 +9,7 @@ from voxgrid.privacy import PrivacySpec, PrivacySpecError
 from voxgrid.privacy.mechanisms import (
     apply_filters,
     clip,
+    distributed_share,
     gaussian_update,
     l2_norm,
     percentile,
@@ -94,10 +95,34 @@ def test_spec_shorthand_and_dp_flag():
     ({"filters": []}, "plan.privacy.filters"),
     ({"filters": [{"mechanism": "percentile", "fraction": 0}]}, "plan.privacy.filters[0].fraction"),
     ({"filters": [{"mechanism": "gaussian_update", "clip": 1, "noise_multiplier": 1, "delta": 1e-5}] * 2},
-     "at most one 'gaussian_update'"),
+     "at most one noise filter"),
     ("gaussian", "plan.privacy"),
 ])
 def test_bad_specs_name_the_field(bad, named):
     with pytest.raises(PrivacySpecError) as e:
         PrivacySpec.parse(bad)
     assert named in str(e.value)
+
+
+def test_distributed_noise_shares_add_up_to_the_full_noise_of_the_largest_weighted_update():
+    # Three nodes, weights 2, 4, 8 (max 8), threshold 2: each weighted share has std sigma*C*8/sqrt(2),
+    # so any 2 of them sum to std sigma*C*8, the noise the largest weighted update needs.
+    weights, t = [2.0, 4.0, 8.0], 2
+    shares = [distributed_share(w, 8.0, t) for w in weights]
+    assert shares == pytest.approx([8 / (2 * math.sqrt(2)), 8 / (4 * math.sqrt(2)), 1 / math.sqrt(2)])
+    for pair in ((0, 1), (0, 2), (1, 2)):
+        std = math.sqrt(sum((weights[i] * shares[i]) ** 2 for i in pair))
+        assert std == pytest.approx(8.0)
+    assert distributed_share(0.0, 8.0, t) == 0.0  # a zero-weight update is zero: nothing to hide
+    with pytest.raises(ValueError, match="weight <= max_weight"):
+        distributed_share(9.0, 8.0, t)
+
+    spec = PrivacySpec.parse({"mechanism": "gaussian_update", "clip": 1.0, "noise_multiplier": 4.0, "delta": 1e-5,
+                              "distributed": True})
+    assert spec.events() == PrivacySpec.parse({"mechanism": "gaussian_update", "clip": 1.0, "noise_multiplier": 4.0,
+                                               "delta": 1e-5}).events()  # the sum is accounted like the central one
+    with pytest.raises(ValueError, match="needs secure aggregation"):
+        apply_filters(spec, update(), secure_generator())
+    big = {"w": torch.zeros(200_000)}
+    out = apply_filters(spec, big, secure_generator(), noise_share=0.25)
+    assert float(out["w"].std()) == pytest.approx(4.0 * 0.25, rel=0.02)

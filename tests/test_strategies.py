@@ -188,6 +188,20 @@ def test_dwa_hand_computed_from_loss_ratios():
     assert s.state_dict().meta["losses"]["d@a"] == [0.5, 0.25]
 
 
+def test_dwa_the_issues_formula_with_the_benchmarks_T_and_xi():
+    # lambda_k = xi * exp(rho_k / T) / sum_i exp(rho_i / T), T = 2, xi = 2, rho = L_{r-1} / L_{r-2}
+    s = DWA(T=2.0, xi=2.0)
+    losses = {"a": (1.0, 0.5), "b": (2.0, 2.0), "c": (1.0, 0.8)}  # rho 0.5, 1.0, 0.8
+    for r in range(2):
+        s.aggregate(_w(0.0), [_um(n, _w(0.0), loss=v[r]) for n, v in losses.items()])
+    ups = [_um("a", _w(1.0)), _um("b", _w(-1.0)), _um("c", _w(0.5))]
+    # exp(0.25), exp(0.5), exp(0.4) = 1.2840, 1.6487, 1.4918 (sum 4.4246): lambda 0.5804, 0.7453, 0.6743
+    assert s.weights(ups) == pytest.approx([0.580407, 0.745257, 0.674336], abs=1e-6)
+    assert sum(s.weights(ups)) == pytest.approx(2.0)
+    # the step is sum_k lambda_k delta_k: 0.5804 - 0.7453 + 0.6743 / 2 = 0.1723
+    assert s.aggregate(_w(0.0), ups)["w"].item() == pytest.approx(0.172318, abs=1e-5)
+
+
 def test_median_and_trimmed_mean_ignore_an_outlier():
     g = {"w": torch.tensor([0.0, 0.0]), "n": torch.tensor(0, dtype=torch.int64)}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from voxgrid.client import (AccessRefused, AuthError, GridClient, NodeClient, NotFoundError, RemoteError,
                             RequestRefused, Unreachable, VoxgridError)
-from voxgrid.baselines import LocalBaselines
+from voxgrid.baselines import LocalBaselines, finetune
 from voxgrid.evaluation import CrossSiteTable, cross_site_evaluation
 from voxgrid.experiment import Experiment, RoundFailed
 from voxgrid.plan import Plan, PlanError, unet_plan
@@ -51,7 +51,7 @@ def connect(grid_url: str | None = None, *, token: str | Path, ca: str | Path | 
 
 
 __all__ = ["connect", "Grid", "Plan", "PlanError", "unet_plan", "Experiment", "RoundFailed", "Strategy", "FedAvg",
-           "FedAvgDice", "FedProx", "FedAdam", "FedYogi", "DWA", "FedBN", "Median", "TrimmedMean", "LocalBaselines",
+           "FedAvgDice", "FedProx", "FedAdam", "FedYogi", "DWA", "FedBN", "Median", "TrimmedMean", "LocalBaselines", "finetune",
            "SelectedModel", "CrossSiteTable", "cross_site_evaluation",
            "DatasetPointer", "PointerList", "NodeClient", "GridClient", "VoxgridError", "RemoteError", "AuthError",
            "AccessRefused", "NotFoundError", "RequestRefused", "Unreachable", "__version__"]

@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
-from voxgrid.evaluation import site_names
+from voxgrid import tensors
+from voxgrid.evaluation import run_node_job, site_names
 from voxgrid.experiment import Experiment, RoundResult
 from voxgrid.plan import Plan
 from voxgrid.pointers import DatasetPointer
-from voxgrid.selection import SelectedModel
-from voxgrid.strategies import FedAvg
+from voxgrid.selection import SelectedModel, mean_score
+from voxgrid.strategies import FedAvg, apply_delta
 from voxgrid.tensors import StateDict
+from voxgrid.wire import JobRequest
 
 
 class LocalBaselines:
@@ -90,3 +93,58 @@ class LocalBaselines:
         rows = [{"site": s, "round": r.round, "loss": x.loss, **{f"val_dice[{k}]": v for k, v in x.val_dice.items()}}
                 for s, hist in self.history.items() for r in hist for x in r.sites]
         return pd.DataFrame(rows)
+
+
+def finetune_plan(plan: Plan, epochs: int, part: Literal["all", "head"] = "all") -> Plan:
+    """The plan of local fine-tuning: ``epochs`` local epochs, no proximal term, and with
+    ``part="head"`` only the task head (``plan.local.head``) trained."""
+    if part not in ("all", "head"):
+        raise ValueError(f"part must be 'all' or 'head', got {part!r}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if part == "head" and not plan.local.head:
+        raise ValueError("part='head' needs the plan to name its head (plan.local.head, e.g. ['model.2'])")
+    data = plan.model_dump(mode="json")
+    data["local_epochs"] = epochs
+    data["local"] = {**data["local"], "proximal_mu": 0.0, "train_only": list(plan.local.head) if part == "head" else []}
+    return Plan(**data)
+
+
+def finetune(experiment: Experiment, *, epochs: int = 1, part: Literal["all", "head"] = "all",
+             pointers: list[DatasetPointer] | None = None, prefix: str = "FL+FT",
+             job_timeout: float | None = None) -> list[SelectedModel]:
+    """Local fine-tuning after federation ("FedBN + fine-tuning"): one model per site.
+
+    Each site trains the experiment's final global weights on its own data for ``epochs`` local
+    epochs (``part="head"``: the head only), as a train job of the experiment's next round under
+    the experiment's id, so a site starts from the tensors it kept itself in the last round
+    (``plan.local.keep_local``: FedBN's norms, task heads) and keeps its fine-tuned ones. Run it once
+    the federation is over: a later federated round would reuse that round number. The released
+    delta passes the node's privacy filters and ledger like any update.
+
+    Returns ``SelectedModel``s named ``"<prefix> <site>"`` with ``site`` set and ``score`` the
+    site's validation mean Dice after fine-tuning, ready for :func:`~voxgrid.evaluation.cross_site_evaluation`.
+    """
+    if experiment.secure_aggregation:
+        raise ValueError("fine-tuned site models are individual updates; the nodes of a secure-aggregation "
+                         "experiment release none (run finetune on an experiment without secure_aggregation)")
+    plan = finetune_plan(experiment.plan, epochs, part)
+    pointers = list(pointers if pointers is not None else experiment.pointers)
+    start, rnd = experiment.global_weights, len(experiment.history)
+    blob = tensors.dumps(start)
+    timeout = experiment.job_timeout if job_timeout is None else job_timeout
+
+    def one(p: DatasetPointer) -> tuple[StateDict, float | None]:
+        req = JobRequest(kind="train", experiment_id=experiment.experiment_id, round=rnd, dataset=p.name,
+                         plan=plan.model_dump(mode="json"), plan_hash=plan.content_hash,
+                         weights_id=tensors.digest(blob), split="val", evaluate=True,
+                         seed=experiment.seed * 100003 + rnd)
+        st = run_node_job(p, req, blob, timeout)
+        delta = tensors.loads(p.client.update(st.job_id))
+        tensors.check_compatible(start, delta)
+        return apply_delta(start, delta), mean_score([st.metrics.mean_dice])
+
+    with ThreadPoolExecutor(max_workers=len(pointers)) as pool:
+        results = list(pool.map(one, pointers))
+    return [SelectedModel(f"{prefix} {site}", weights, plan, experiment.experiment_id, rnd, score, site)
+            for site, (weights, score) in zip(site_names(pointers), results)]

@@ -11,9 +11,10 @@ from pydantic import BaseModel, TypeAdapter
 
 from voxgrid.pki import client_ssl_context
 from voxgrid.privacy import BudgetStatus
-from voxgrid.wire import (API_PREFIX, AuditEntry, BudgetSet, DatasetInfo, Estimate, EstimateRequest, Health, JobRequest,
-                          JobStatus, LedgerView, NodeInfo, NodeRegistration, Problem, SearchResponse, TokenIssue,
-                          TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
+                          EstimateRequest, Health, JobRequest, JobStatus, LedgerView, NodeInfo, NodeRegistration,
+                          Problem, RevealedShare, RevealRequest, SearchResponse, SecAggKeysRequest, SecAggMaskedRequest,
+                          SecAggSharesRequest, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 
 class VoxgridError(Exception):
@@ -92,6 +93,10 @@ class _Client:
             return model.model_validate_json(r.content)
         return TypeAdapter(model).validate_json(r.content)
 
+    def _post(self, path: str, body: BaseModel, model):
+        return self._call("POST", path, model, content=body.model_dump_json(),
+                          headers={"Content-Type": "application/json"})
+
     def health(self) -> Health:
         return self._call("GET", "/health", Health)
 
@@ -120,8 +125,7 @@ class NodeClient(_Client):
                           headers={"Content-Type": "application/octet-stream"})
 
     def submit(self, req: JobRequest) -> JobStatus:
-        return self._call("POST", "/jobs", JobStatus, content=req.model_dump_json(),
-                          headers={"Content-Type": "application/json"})
+        return self._post("/jobs", req, JobStatus)
 
     def job(self, job_id: str, wait: float = 0.0) -> JobStatus:
         return self._call("GET", f"/jobs/{job_id}", JobStatus, params={"wait": wait},
@@ -130,16 +134,30 @@ class NodeClient(_Client):
     def update(self, job_id: str) -> bytes:
         return self._call("GET", f"/jobs/{job_id}/update")
 
-    def privacy_estimate(self, dataset: str, privacy: dict | None, releases: int = 1) -> Estimate:
-        """What ``releases`` more train jobs with the filter chain ``privacy`` would cost us on ``dataset``."""
-        body = EstimateRequest(dataset=dataset, privacy=privacy, releases=releases)
-        return self._call("POST", "/privacy/estimate", Estimate, content=body.model_dump_json(),
-                          headers={"Content-Type": "application/json"})
+    # secure aggregation: the four steps of a round (voxgrid.secure drives them) ---------------
+    def secagg_keys(self, req: SecAggKeysRequest) -> AdvertisedKeys:
+        return self._post("/secagg/keys", req, AdvertisedKeys)
+
+    def secagg_shares(self, req: SecAggSharesRequest) -> list[EncryptedShare]:
+        return self._post("/secagg/shares", req, list[EncryptedShare])
+
+    def secagg_masked(self, req: SecAggMaskedRequest) -> bytes:
+        return self._post("/secagg/masked", req, None)
+
+    def secagg_reveal(self, req: RevealRequest) -> list[RevealedShare]:
+        return self._post("/secagg/reveal", req, list[RevealedShare])
+
+    def privacy_estimate(self, dataset: str, privacy: dict | None, releases: int = 1,
+                         plan: dict | None = None) -> Estimate:
+        """What ``releases`` more train jobs with the filter chain ``privacy`` would cost us on ``dataset``.
+
+        ``plan`` (JSON): the plan the jobs would run; needed for DP-SGD, whose cost follows its schedule."""
+        body = EstimateRequest(dataset=dataset, privacy=privacy, releases=releases, plan=plan)
+        return self._post("/privacy/estimate", body, Estimate)
 
     # owner
     def issue_token(self, name: str, role: str = "scientist") -> TokenIssued:
-        return self._call("POST", "/owner/tokens", TokenIssued, content=TokenIssue(name=name, role=role).model_dump_json(),
-                          headers={"Content-Type": "application/json"})
+        return self._post("/owner/tokens", TokenIssue(name=name, role=role), TokenIssued)
 
     def audit(self, limit: int = 200) -> list[AuditEntry]:
         return self._call("GET", "/owner/audit", list[AuditEntry], params={"limit": limit})
@@ -151,8 +169,7 @@ class NodeClient(_Client):
                    scientist: str | None = None) -> list[BudgetStatus]:
         """Set a privacy budget on a dataset (for one scientist, or everyone together); returns its budgets."""
         body = BudgetSet(dataset=dataset, scientist=scientist, epsilon=epsilon, delta=delta)
-        return self._call("POST", "/owner/budgets", list[BudgetStatus], content=body.model_dump_json(),
-                          headers={"Content-Type": "application/json"})
+        return self._post("/owner/budgets", body, list[BudgetStatus])
 
     def ledger(self) -> LedgerView:
         """The node's privacy ledger: budgets, releases, refusals."""
@@ -169,5 +186,4 @@ class GridClient(_Client):
         return self._call("GET", "/nodes", list[NodeInfo])
 
     def register(self, info: NodeInfo) -> NodeInfo:
-        return self._call("POST", "/nodes", NodeInfo, content=NodeRegistration(info=info).model_dump_json(),
-                          headers={"Content-Type": "application/json"})
+        return self._post("/nodes", NodeRegistration(info=info), NodeInfo)

@@ -22,7 +22,11 @@ from voxgrid.pointers import DatasetPointer
 from voxgrid.selection import ModelSelection, mean_score
 from voxgrid.strategies import ClientUpdate, FedAvg, Strategy, StrategyState, from_config
 from voxgrid.tensors import StateDict
-from voxgrid.wire import NAME_RE, JobRequest, JobStatus
+from voxgrid.privacy import PrivacySpec
+from voxgrid.privacy.secagg import SecAggConfig
+from voxgrid.secure import DEFAULT_CLIP as SECURE_CLIP
+from voxgrid.secure import check_secure, secure_round
+from voxgrid.wire import NAME_RE, JobRequest, JobStatus, SecureAggregation
 
 
 class RoundFailed(VoxgridError):
@@ -86,12 +90,19 @@ class Experiment:
         checkpoint_dir: where a checkpoint per round is written; :meth:`resume` continues from it.
         select: keep the best global model and each site's best local model by validation Dice
             (``exp.selection``, :mod:`voxgrid.selection`); costs an evaluate job per site per round.
+            With secure aggregation only the global model is kept: local updates are never seen.
+        secure_aggregation: the nodes release their updates only masked and this notebook learns
+            only their weighted sum (:mod:`voxgrid.secure`); needs a sum-based strategy (FedAvg,
+            FedAvgDice, FedProx, FedBN, FedAdam, FedYogi) and one dataset per node.
+        threshold: fewest nodes that must stay to the end of a secure round for the sum to be
+            recovered (default: a majority, at least 2); more dropouts fail the round cleanly.
     """
 
     def __init__(self, plan: Plan, pointers: list[DatasetPointer], *, strategy: Strategy | None = None,
                  rounds: int = 3, min_nodes: int | None = None, job_timeout: float = 600.0, evaluate: bool = True,
                  checkpoint_dir: str | Path | None = None, name: str | None = None, seed: int = 0,
-                 initial: StateDict | None = None, select: bool = False):
+                 initial: StateDict | None = None, select: bool = False, secure_aggregation: bool = False,
+                 threshold: int | None = None):
         if not pointers:
             raise ValueError("an experiment needs at least one dataset pointer (grid.search returned none?)")
         self.strategy = strategy if strategy is not None else FedAvg()
@@ -102,6 +113,12 @@ class Experiment:
         self.min_nodes = len(self.pointers) if min_nodes is None else min_nodes
         if not 1 <= self.min_nodes <= len(self.pointers):
             raise ValueError(f"min_nodes={min_nodes} must be between 1 and the {len(self.pointers)} pointers")
+        spec = PrivacySpec.parse(self.plan.privacy)
+        if spec is not None and spec.gaussian is not None and spec.gaussian.distributed and not secure_aggregation:
+            raise ValueError("plan.privacy: a distributed 'gaussian_update' adds only a share of the noise at each "
+                             "node, so it needs secure_aggregation=True")
+        self.secure_aggregation = secure_aggregation
+        self.threshold = check_secure(self.strategy, self.pointers, threshold) if secure_aggregation else None
         self.job_timeout = job_timeout
         self.evaluate = evaluate
         self.seed = seed
@@ -145,22 +162,10 @@ class Experiment:
     def run_round(self) -> RoundResult:
         rnd = len(self.history)
         t0 = time.perf_counter()
-        blob, wid = self._global_blob()
-        with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
-            outcomes = list(pool.map(lambda p: self._train_one(p, rnd, blob, wid), self.pointers))
-        ok = [(p, st, upd) for p, (st, upd, err) in zip(self.pointers, outcomes) if err is None]
-        if len(ok) < self.min_nodes:
-            reasons = "; ".join(f"{p.node}: {err}" for p, (_, _, err) in zip(self.pointers, outcomes) if err)
-            raise RoundFailed(f"round {rnd}: only {len(ok)} of {len(self.pointers)} nodes answered, "
-                              f"min_nodes={self.min_nodes} ({reasons})")
-        updates = [ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
-                                metrics=st.metrics.model_dump()) for p, st, delta in ok]
-        start, self.global_weights = self.global_weights, self.strategy.aggregate(self.global_weights, updates)
-        if self.selection:
-            self.selection.observe_local(rnd, start, updates)
+        outcomes = self._secure_round(rnd) if self.secure_aggregation else self._plain_round(rnd)
         train_wall = time.perf_counter() - t0
         sites = []
-        for p, (st, _, err) in zip(self.pointers, outcomes):
+        for p, (st, err) in zip(self.pointers, outcomes):
             m = st.metrics if st is not None and st.metrics else None
             sites.append(SiteResult(node=p.node, dataset=p.name, ok=err is None, error=err,
                                     samples=m.samples if m else 0, loss=m.loss if m else None,
@@ -180,11 +185,50 @@ class Experiment:
             self.save_checkpoint(self.checkpoint_dir)
         return result
 
-    def _job(self, p: DatasetPointer, rnd: int, weights_id: str, kind: str, split: str = "val") -> JobRequest:
+    def _check_answered(self, rnd: int, outcomes: list, extra: str = "") -> None:
+        answered = sum(err is None for _, err in outcomes)
+        if answered < self.min_nodes or extra:
+            reasons = "; ".join(f"{p.node}: {err}" for p, (_, err) in zip(self.pointers, outcomes) if err)
+            raise RoundFailed(f"round {rnd}: only {answered} of {len(self.pointers)} nodes answered, "
+                              f"min_nodes={self.min_nodes} ({reasons}){extra}")
+
+    def _plain_round(self, rnd: int) -> list[tuple[JobStatus | None, str | None]]:
+        """Every node's update is downloaded and the strategy aggregates them."""
+        blob, wid = self._global_blob()
+        with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
+            trained = list(pool.map(lambda p: self._train_one(p, rnd, blob, wid), self.pointers))
+        outcomes = [(st, err) for st, _, err in trained]
+        self._check_answered(rnd, outcomes)
+        updates = [ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
+                                metrics=st.metrics.model_dump())
+                   for p, (st, delta, err) in zip(self.pointers, trained) if err is None]
+        start, self.global_weights = self.global_weights, self.strategy.aggregate(self.global_weights, updates)
+        if self.selection:
+            self.selection.observe_local(rnd, start, updates)
+        return outcomes
+
+    def _secure_round(self, rnd: int) -> list[tuple[JobStatus | None, str | None]]:
+        """Only the masked updates' weighted sum is recovered (:mod:`voxgrid.secure`)."""
+        blob, wid = self._global_blob()
+        weight = self.strategy.secure_weight
+        max_weight = 1.0 if weight == "val_dice" else float(max(p.info.splits.get("train", p.info.volumes)
+                                                                for p in self.pointers))
+        config = SecAggConfig(experiment_id=self.experiment_id, round=rnd,
+                              nodes=tuple(sorted(p.node for p in self.pointers)), threshold=self.threshold,
+                              clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=64)
+        out = secure_round(config=config, weight=weight, pointers=self.pointers, like=self.global_weights,
+                           run_job=lambda p, secure: self._await(p, self._job(p, rnd, wid, "train", secure=secure),
+                                                                 blob))
+        self._check_answered(rnd, out.outcomes, extra=f"; {out.error}" if out.error else "")
+        self.global_weights = self.strategy.apply_mean(self.global_weights, out.mean_delta)
+        return out.outcomes
+
+    def _job(self, p: DatasetPointer, rnd: int, weights_id: str, kind: str, split: str = "val",
+             secure: SecureAggregation | None = None) -> JobRequest:
         return JobRequest(kind=kind, experiment_id=self.experiment_id, round=rnd, dataset=p.name,
                           plan=self.plan.model_dump(mode="json"), plan_hash=self.plan.content_hash,
                           weights_id=weights_id, split=split, evaluate=(self.evaluate or self.select) and kind == "train",
-                          seed=self.seed * 100003 + rnd)
+                          seed=self.seed * 100003 + rnd, secure=secure)
 
     def _put_weights(self, p: DatasetPointer, blob: bytes, weights_id: str, force: bool = False) -> bool:
         """Upload ``blob`` unless this experiment already sent these weights to the node; True if uploaded."""
@@ -269,9 +313,12 @@ class Experiment:
         releases = (self.rounds if rounds is None else rounds) - len(self.history)
         rows = []
         for p in self.pointers:
-            est = p.client.privacy_estimate(p.name, self.plan.privacy, releases=max(releases, 1))
+            est = p.client.privacy_estimate(p.name, self.plan.privacy, releases=max(releases, 1),
+                                            plan=self.plan.model_dump(mode="json"))
             row = {"site": f"{p.name}@{p.node}", "mechanism": est.mechanism, "dp": est.dp,
-                   "releases": est.releases, "epsilon_per_release": est.epsilon_per_release, "delta": est.delta}
+                   "releases": est.releases, "epsilon_per_release": est.epsilon_per_release,
+                   "epsilon_per_release_prv": est.epsilon_per_release_prv, "delta": est.delta,
+                   "parameters": est.parameters}
             for b in est.budgets:
                 scope = "dataset" if b.scientist is None else "scientist"
                 row.update({f"{scope} budget": b.epsilon, f"{scope} spent": b.spent,
@@ -323,6 +370,7 @@ class Experiment:
         return {"experiment_id": self.experiment_id, "plan": self.plan.model_dump(mode="json"),
                 "plan_hash": self.plan.content_hash, "strategy": self.strategy.config(),
                 "sites": [{"node": p.node, "url": p.url, "dataset": p.name} for p in self.pointers],
+                "secure_aggregation": self.secure_aggregation, "threshold": self.threshold,
                 "rounds": [r.to_dict() for r in self.history]}
 
     # checkpoints -------------------------------------------------------------------------------
@@ -364,7 +412,8 @@ class Experiment:
         weights = tensors.loads((folder / state["weights"]).read_bytes())
         exp = cls(plan, pointers, strategy=strategy, rounds=state["target_rounds"], min_nodes=state["min_nodes"],
                   job_timeout=state["job_timeout"], evaluate=state["evaluate"], checkpoint_dir=folder,
-                  seed=state["seed"], initial=weights, select=state.get("select", False))
+                  seed=state["seed"], initial=weights, select=state.get("select", False),
+                  secure_aggregation=state.get("secure_aggregation", False), threshold=state.get("threshold"))
         exp.experiment_id = state["experiment_id"]
         if exp.selection:
             exp.selection = ModelSelection(exp.plan, exp.experiment_id)

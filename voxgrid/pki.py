@@ -29,6 +29,8 @@ __all__ = [
     "server_ssl_kwargs",
     "client_ssl_context",
     "certificate_info",
+    "CertificateError",
+    "verify_certificate",
 ]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -259,3 +261,49 @@ def certificate_info(cert_path: str | os.PathLike) -> dict:
         "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
         "is_ca": is_ca,
     }
+
+
+class CertificateError(ValueError):
+    """A certificate or key that does not fit: foreign CA, expired, wrong key or wrong name."""
+
+
+def verify_certificate(cert_path: str | os.PathLike, ca_cert_path: str | os.PathLike, *,
+                       key_path: str | os.PathLike | None = None, name: str | None = None,
+                       now: dt.datetime | None = None) -> x509.Certificate:
+    """Check that ``cert_path`` is a leaf certificate the federation CA issued, valid now, whose
+    common name is ``name`` and whose private key is ``key_path``; return it, or raise
+    :class:`CertificateError` saying which check failed."""
+    from cryptography.exceptions import InvalidSignature
+
+    now = now or _now()
+    try:
+        ca = x509.load_pem_x509_certificate(Path(ca_cert_path).read_bytes())
+    except ValueError as exc:
+        raise CertificateError(f"{ca_cert_path} is not a PEM certificate: {exc}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except ValueError as exc:
+        raise CertificateError(f"{cert_path} is not a PEM certificate: {exc}") from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertificateError(f"{cert_path} (issuer {cert.issuer.rfc4514_string()!r}) was not issued by the "
+                               f"federation CA {ca.subject.rfc4514_string()!r}") from None
+    if now < cert.not_valid_before_utc or now >= cert.not_valid_after_utc:
+        raise CertificateError(f"{cert_path} is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z to "
+                               f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z, not now")
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise CertificateError(f"{cert_path} is a CA certificate, not a server certificate")
+    except x509.ExtensionNotFound:
+        pass
+    if name is not None and _common_name(cert.subject) != name:
+        raise CertificateError(f"{cert_path} is issued to {_common_name(cert.subject)!r}, not to {name!r}")
+    if key_path is not None:
+        try:
+            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise CertificateError(f"{key_path} is not an unencrypted PEM private key: {exc}") from None
+        if key.public_key() != cert.public_key():
+            raise CertificateError(f"{key_path} is not the private key of {cert_path}")
+    return cert

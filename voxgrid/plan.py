@@ -33,6 +33,8 @@ __all__ = [
     "build_transforms",
     "initial_weights",
     "local_keys",
+    "prefixed_keys",
+    "TaskPriority",
 ]
 
 # Strict so that JSON like `"batch_size": "2"` or `true` is refused instead of coerced.
@@ -92,6 +94,23 @@ def _describe(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class TaskPriority(BaseModel):
+    """Dynamic task prioritisation (Guo et al. 2018), as the multi-task pancreas study used it at clients.
+
+    A *task* is one foreground class the site annotates. Task c's loss gets the weight
+    ``W_c = -(1 - kbar_c)^gamma * log(kbar_c)``, with ``kbar_c = alpha * Dice_c^r + (1 - alpha) * kbar_c``
+    updated every batch (``Dice_c`` the batch's soft Dice of class c): tasks the model already
+    does well get less weight.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    gamma: Annotated[float, Strict(), Field(ge=0)] = 1.0
+    #: weight of the current batch in the moving average (1: no memory)
+    alpha: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.5
+    r: Annotated[float, Strict(), Field(gt=0)] = 1.0
+
+
 class LocalTraining(BaseModel):
     """Client-side training options, usually set by the strategy (``Strategy.configure_plan``).
 
@@ -106,7 +125,23 @@ class LocalTraining(BaseModel):
     #: FedBN: parameter groups each site keeps to itself, never sent or aggregated. ``"norm"`` is
     #: every normalisation layer's affine parameters and running statistics (see :func:`local_keys`).
     #: The node keeps its own copy per experiment and round, and uses it in the experiment's jobs.
-    keep_local: tuple[Literal["norm"], ...] = ()
+    keep_local: tuple[Literal["norm", "head"], ...] = ()
+    #: Multi-task heads: state-dict name prefixes of the task head (e.g. ``("model.2",)``, MONAI
+    #: UNet's last up-sampling block). With ``"head"`` in ``keep_local`` each site keeps its own head
+    #: and only the body (the shared representation) is aggregated.
+    head: tuple[Annotated[str, Strict(), Field(min_length=1, max_length=200)], ...] = ()
+    #: Train only parameters under these name prefixes (e.g. the head, when fine-tuning after
+    #: federation); empty trains everything. Frozen parameters get no gradient and no optimiser step.
+    train_only: tuple[Annotated[str, Strict(), Field(min_length=1, max_length=200)], ...] = ()
+    #: Dynamic task prioritisation (see :class:`TaskPriority`); None trains on the plain loss.
+    dtp: TaskPriority | None = None
+
+    @model_validator(mode="after")
+    def _head_named(self) -> LocalTraining:
+        if "head" in self.keep_local and not self.head:
+            raise PlanError("plan.local.keep_local contains 'head' but plan.local.head names no parameter "
+                            "prefix (e.g. ['model.2'] for UNet's last block)")
+        return self
 
 
 class Plan(BaseModel):
@@ -171,6 +206,8 @@ class Plan(BaseModel):
             for i, spec in enumerate(getattr(self, field)):
                 problems += components.spec_problems("transform", spec, f"plan.{field}[{i}]")
         problems += self._label_problems()
+        if not problems and (self.local.head or self.local.train_only):
+            problems += self._prefix_problems()
         if sum(self.pos_neg) <= 0:
             problems.append("plan.pos_neg: at least one of (foreground, background) must be > 0")
         if self.privacy is not None:
@@ -194,6 +231,18 @@ class Plan(BaseModel):
                 continue
             source = "" if arg in self.network else " (its default)"
             problems.append(f"plan.network ({target}): {arg} is {have!r}{source} but {why}, so it must be {want}")
+        return problems
+
+    def _prefix_problems(self) -> list[str]:
+        """plan.local.head / train_only must name parameters of this network (built on the meta device)."""
+        with torch.device("meta"):
+            names = set(build_network(self).state_dict())
+        problems = []
+        for field in ("head", "train_only"):
+            try:
+                prefixed_keys(names, getattr(self.local, field), f"plan.local.{field}")
+            except PlanError as exc:
+                problems.append(str(exc))
         return problems
 
     def _label_problems(self) -> list[str]:
@@ -347,11 +396,24 @@ def initial_weights(plan: Plan, seed: int = 0) -> dict[str, torch.Tensor]:
 _NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
+def prefixed_keys(keys: Sequence[str] | set[str], prefixes: Sequence[str], where: str) -> set[str]:
+    """The keys equal to, or under (``prefix.``), one of ``prefixes``; PlanError if a prefix matches none."""
+    found = set()
+    for prefix in prefixes:
+        hit = {k for k in keys if k == prefix or k.startswith(prefix.rstrip(".") + ".")}
+        if not hit:
+            raise PlanError(f"{where}: {prefix!r} names no parameter of the network "
+                            f"(its names start e.g. {sorted(keys)[:3]} ... {sorted(keys)[-3:]})")
+        found |= hit
+    return found
+
+
 def local_keys(plan: Plan, network: torch.nn.Module | None = None) -> set[str]:
     """State-dict keys of the groups in ``plan.local.keep_local`` (FedBN's site-kept state).
 
     ``"norm"``: parameters and buffers of BatchNorm/InstanceNorm/GroupNorm/LayerNorm modules,
-    found by module type, not by name. Without ``network`` one is built on the meta device (no memory).
+    found by module type, not by name. ``"head"``: every key under a ``plan.local.head`` prefix.
+    Without ``network`` one is built on the meta device (no memory).
     """
     if not plan.local.keep_local:
         return set()
@@ -363,4 +425,7 @@ def local_keys(plan: Plan, network: torch.nn.Module | None = None) -> set[str]:
         if "norm" in plan.local.keep_local and isinstance(module, _NORM_TYPES):
             for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 keys.add(f"{prefix}.{name}" if prefix else name)
-    return keys & set(network.state_dict())
+    state = set(network.state_dict())
+    if "head" in plan.local.keep_local:
+        keys |= prefixed_keys(state, plan.local.head, "plan.local.head")
+    return keys & state

@@ -14,6 +14,7 @@ stay to the end. The aggregator then divides the weighted sum by the total weigh
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,12 +110,15 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
             errors[p.node] = f"shares: {exc}"
     inboxes = server.inboxes()
     statuses: dict[str, JobStatus] = {}
+    lock = threading.Lock()
 
     def train(p: DatasetPointer) -> JobStatus:
         st = run_job(p, secure)
         statuses[p.node] = st  # metrics and receipt, even if masking fails after
         words = p.client.secagg_masked(SecAggMaskedRequest(job_id=st.job_id, inbox=inboxes.get(p.node, [])))
-        server.add_masked(p.node, unpack_words(words, bits=config.bits))
+        masked = unpack_words(words, bits=config.bits)
+        with lock:  # the aggregator's running sum is not thread-safe
+            server.add_masked(p.node, masked)
         return st
 
     done = step("train", train, sharers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
@@ -45,3 +46,24 @@ def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, 
     for k, v in reference.items():
         if tuple(other[k].shape) != tuple(v.shape):
             raise TensorsError(f"weights '{k}': shape {tuple(other[k].shape)}, network expects {tuple(v.shape)}")
+
+
+def flatten(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """All tensors as one float32 vector, in sorted key order (the order both sides of a secure sum use)."""
+    if not state:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat([state[k].detach().reshape(-1).to(torch.float32).cpu() for k in sorted(state)]).numpy()
+
+
+def unflatten(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> StateDict:
+    """Inverse of :func:`flatten` with the keys and shapes of ``like`` (values as float32)."""
+    total = sum(like[k].numel() for k in like)
+    if vector.ndim != 1 or vector.shape[0] != total:
+        raise TensorsError(f"a flat vector of {vector.shape} cannot fill the network's {total} values")
+    out: StateDict = {}
+    at = 0
+    for k in sorted(like):
+        n = like[k].numel()
+        out[k] = torch.from_numpy(np.ascontiguousarray(vector[at:at + n], dtype=np.float32)).reshape(like[k].shape)
+        at += n
+    return out

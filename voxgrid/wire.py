@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voxgrid.privacy.records import Estimate, LedgerView, Receipt  # noqa: F401  (re-exported for routes and clients)
+from voxgrid.privacy.secagg.messages import (AdvertisedKeys, EncryptedShare, RevealedShare,  # noqa: F401
+                                             RevealRequest)
 
 API_PREFIX = "/v1"
 #: Largest request body a node or grid accepts (weights of big 3D networks fit; 4 GiB does not).
@@ -87,6 +89,36 @@ class WeightsRef(Message):
     bytes: int
 
 
+class SecureAggregation(Message):
+    """Asks that a train job's update leave the node only masked, as one input of a secure sum."""
+
+    config: dict = Field(description="the round's voxgrid.privacy.secagg.SecAggConfig as JSON")
+    weight: Literal["samples", "val_dice"] = Field(
+        "samples", description="what the node scales its update by (the strategy's secure_weight)")
+
+
+class SecAggKeysRequest(Message):
+    """Round start: the node makes fresh key pairs for this round and returns them signed."""
+
+    dataset: str
+    secure: SecureAggregation
+
+
+class SecAggSharesRequest(Message):
+    """Every node's signed keys for the round; the node answers with its encrypted secret shares."""
+
+    experiment_id: str = Field(pattern=NAME_RE.pattern)
+    round: int = Field(ge=0)
+    roster: list[AdvertisedKeys]
+
+
+class SecAggMaskedRequest(Message):
+    """The shares other nodes encrypted for this node; the answer is the job's masked update (octets)."""
+
+    job_id: str
+    inbox: list[EncryptedShare]
+
+
 class JobRequest(Message):
     """One plan run on one dataset for one round, starting from given global weights."""
 
@@ -100,6 +132,7 @@ class JobRequest(Message):
     split: Split = Field("val", description="for evaluate jobs: which split to score")
     evaluate: bool = Field(True, description="train jobs: score the trained model on the val split")
     seed: int = 0
+    secure: SecureAggregation | None = Field(None, description="train jobs: release the update only masked")
 
 
 class Metrics(Message):
@@ -145,6 +178,8 @@ class EstimateRequest(Message):
     dataset: str
     privacy: dict | None = Field(None, description="a Plan.privacy value")
     releases: int = Field(1, ge=1, le=100_000)
+    plan: dict | None = Field(None, description="the Plan (JSON) the jobs would run; needed for 'dp_sgd', "
+                                                "whose cost depends on its batch size and epochs")
 
 
 class TokenIssue(Message):

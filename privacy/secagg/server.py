@@ -21,7 +21,10 @@ from .quantize import decode
 from .words import check_words
 
 class SecAggServer:
-    """The relay and summer of one round (pure, in memory; one accumulator the size of an update)."""
+    """The relay and summer of one round (pure, in memory; one accumulator the size of an update).
+
+    Not thread-safe: a caller that gathers masked inputs in threads adds them under one lock.
+    """
 
     def __init__(self, config: SecAggConfig, *, ca_pem: bytes | None = None):
         if not isinstance(config, SecAggConfig):

@@ -7,8 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from voxgrid.strategies.base import (ClientUpdate, Strategy, StrategyState, apply_delta, is_statistic,
-                                     sample_weights, weighted_delta)
+from voxgrid.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyState,
+    apply_delta,
+    is_statistic,
+    sample_weights,
+    weighted_delta,
+)
 from voxgrid.tensors import StateDict
 
 if TYPE_CHECKING:
@@ -24,9 +31,13 @@ class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017), weighted by each node's training samples."""
 
     name = "fedavg"
+    secure_weight = "samples"
 
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
-        return apply_delta(global_weights, weighted_delta(updates, sample_weights(updates)))
+        return self.apply_mean(global_weights, weighted_delta(updates, sample_weights(updates)))
+
+    def apply_mean(self, global_weights: StateDict, mean_delta: StateDict) -> StateDict:
+        return apply_delta(global_weights, mean_delta)
 
 
 @dataclass
@@ -40,6 +51,7 @@ class FedAvgDice(Strategy):
     """
 
     name = "fedavg-dice"
+    secure_weight = "val_dice"  # under secure aggregation a site without a Dice weighs 0
 
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
         dice = [_finite(u.metrics.get("mean_dice")) for u in updates]
@@ -51,17 +63,21 @@ class FedAvgDice(Strategy):
         weights = [fill if d is None else min(max(d, 0.0), 1.0) for d in dice]
         if sum(weights) == 0:
             weights = [1.0] * len(updates)
-        return apply_delta(global_weights, weighted_delta(updates, weights))
+        return self.apply_mean(global_weights, weighted_delta(updates, weights))
+
+    def apply_mean(self, global_weights: StateDict, mean_delta: StateDict) -> StateDict:
+        return apply_delta(global_weights, mean_delta)
 
 
 @dataclass
-class FedProx(Strategy):
+class FedProx(FedAvg):
     """FedProx (Li et al. 2020): FedAvg aggregation; each node adds mu/2 * ||w - w_global||^2
     to its local loss (``plan.local.proximal_mu``), keeping local models near the global one.
     """
 
     mu: float = 0.01
     name = "fedprox"
+    # aggregate/apply_mean: FedAvg's, by training samples
 
     def __post_init__(self):
         if not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu) and self.mu > 0):
@@ -72,9 +88,6 @@ class FedProx(Strategy):
         if have not in (0.0, self.mu):
             raise ValueError(f"the plan already sets local.proximal_mu={have}, which conflicts with FedProx(mu={self.mu})")
         return plan.with_local(proximal_mu=float(self.mu))
-
-    def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
-        return apply_delta(global_weights, weighted_delta(updates, sample_weights(updates)))
 
 
 @dataclass
@@ -94,6 +107,7 @@ class DWA(Strategy):
     T: float = 2.0
     xi: float = 1.0
     name = "dwa"
+    secure_refusal = "its weights come from each node's own loss history, not only from aggregate values"
     _losses: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):

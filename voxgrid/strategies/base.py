@@ -10,7 +10,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -63,10 +63,24 @@ class Strategy(ABC):
     """
 
     name = "strategy"
+    #: How each node weights its update when the aggregator may see only the weighted sum (secure
+    #: aggregation): ``"samples"`` (training samples) or ``"val_dice"`` (its validation mean Dice).
+    #: None: the rule needs individual updates, and :attr:`secure_refusal` says why.
+    secure_weight: ClassVar[Literal["samples", "val_dice"] | None] = None
+    secure_refusal: ClassVar[str] = "it needs every node's own update, which secure aggregation hides"
 
     @abstractmethod
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
         """The new global weights from the current ones and this round's updates."""
+
+    def apply_mean(self, global_weights: StateDict, mean_delta: StateDict) -> StateDict:
+        """The new global weights from the federation's weighted mean delta alone.
+
+        Secure aggregation calls this with the unmasked sum divided by the total weight; sum-based
+        rules implement :meth:`aggregate` as ``apply_mean(global, weighted_delta(...))`` so both
+        paths share one step.
+        """
+        raise TypeError(f"strategy {self.name!r} cannot run under secure aggregation: {self.secure_refusal}")
 
     def configure_plan(self, plan: Plan) -> Plan:
         """The plan the nodes should run: lets a strategy set client-side options (``plan.local``).

@@ -6,7 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from voxgrid.strategies.base import ClientUpdate, Strategy, apply_delta, sample_weights, weighted_delta
+from voxgrid.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    apply_delta,
+    sample_weights,
+    weighted_delta,
+)
 from voxgrid.tensors import StateDict
 
 if TYPE_CHECKING:
@@ -37,9 +43,14 @@ class FedBN(Strategy):
                              "layer with parameters or statistics; use e.g. UNet with norm='batch'")
         return plan
 
+    secure_weight = "samples"
+
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
         shared = [ClientUpdate(u.node, u.dataset, {k: v for k, v in u.delta.items() if k not in self._local},
                                u.samples, u.metrics) for u in updates]
-        delta = weighted_delta(shared, sample_weights(updates))
+        return self.apply_mean(global_weights, weighted_delta(shared, sample_weights(updates)))
+
+    def apply_mean(self, global_weights: StateDict, mean_delta: StateDict) -> StateDict:
+        delta = {k: v for k, v in mean_delta.items() if k not in self._local}
         kept = {k: v for k, v in global_weights.items() if k in self._local}
         return {**apply_delta({k: v for k, v in global_weights.items() if k not in self._local}, delta), **kept}

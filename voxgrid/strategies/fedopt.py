@@ -20,8 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from voxgrid.strategies.base import (ClientUpdate, Strategy, StrategyState, apply_delta, is_statistic,
-                                     sample_weights, weighted_delta)
+from voxgrid.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyState,
+    apply_delta,
+    is_statistic,
+    sample_weights,
+    weighted_delta,
+)
 from voxgrid.tensors import StateDict
 
 
@@ -47,8 +54,13 @@ class _FedOpt(Strategy):
     def second_moment(self, v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         """The new second moment from the previous one ``v`` and the squared pseudo-gradient ``g2``."""
 
+    secure_weight = "samples"
+
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
-        delta = weighted_delta(updates, sample_weights(updates))
+        return self.apply_mean(global_weights, weighted_delta(updates, sample_weights(updates)))
+
+    def apply_mean(self, global_weights: StateDict, delta: StateDict) -> StateDict:
+        """One server optimiser step on the weighted mean delta (the pseudo-gradient)."""
         step: StateDict = {}
         m_new: StateDict = {}
         v_new: StateDict = {}

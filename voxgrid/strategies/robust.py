@@ -30,6 +30,7 @@ class Median(Strategy):
     """Coordinate-wise median of the deltas (mean of the two middle values for an even count)."""
 
     name = "median"
+    secure_refusal = "the coordinate-wise median needs every node's own update; a masked sum hides them"
 
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
         delta = {}
@@ -46,6 +47,7 @@ class TrimmedMean(Strategy):
 
     beta: float = 0.1
     name = "trimmed-mean"
+    secure_refusal = "trimming the extreme values needs every node's own update; a masked sum hides them"
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and 0 <= self.beta < 0.5):
