@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -38,6 +37,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _output import write_json
 
 LABELS = ["background", "pancreas", "tumor"]
 NEAR_ZERO = 0.05  # "near zero" Dice
@@ -312,10 +313,7 @@ def run_seed(args, seed: int, root: Path | None, echo=print) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = run(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-        print(f"[multisite] written to {args.json}")
+    write_json(args.json, out, "multisite")
     return 0
 
 

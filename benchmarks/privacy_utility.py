@@ -21,7 +21,6 @@ most 2 times the plain step), in-process with the node's own Trainer.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _output import write_json
 
 LABELS = ["background", "pancreas", "tumor"]
 DELTA = 1e-5
@@ -249,10 +250,7 @@ def render(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = run(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-        print(f"[privacy-utility] written to {args.json}")
+    write_json(args.json, out, "privacy-utility")
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _output import write_json
 
 TARGET_OVERHEAD_S = 0.2
 LABELS = ["background", "pancreas", "tumor"]
@@ -175,10 +176,7 @@ def run(args, echo=print) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     figures = run(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
-        print(f"[bench] figures written to {args.json}")
+    write_json(args.json, figures, "bench")
     return 0
 
 

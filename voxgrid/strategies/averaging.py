@@ -7,15 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from voxgrid.strategies.base import (
-    ClientUpdate,
-    Strategy,
-    StrategyState,
-    apply_delta,
-    is_statistic,
-    sample_weights,
-    weighted_delta,
-)
+from voxgrid.strategies.base import (ClientUpdate, Strategy, StrategyState, apply_delta, is_statistic,
+                                     sample_weights, weighted_delta)
 from voxgrid.tensors import StateDict
 
 if TYPE_CHECKING:

@@ -6,13 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from voxgrid.strategies.base import (
-    ClientUpdate,
-    Strategy,
-    apply_delta,
-    sample_weights,
-    weighted_delta,
-)
+from voxgrid.strategies.base import (ClientUpdate, Strategy, apply_delta, sample_weights, weighted_delta)
 from voxgrid.tensors import StateDict
 
 if TYPE_CHECKING:

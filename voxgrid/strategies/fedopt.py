@@ -20,15 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from voxgrid.strategies.base import (
-    ClientUpdate,
-    Strategy,
-    StrategyState,
-    apply_delta,
-    is_statistic,
-    sample_weights,
-    weighted_delta,
-)
+from voxgrid.strategies.base import (ClientUpdate, Strategy, StrategyState, apply_delta, is_statistic,
+                                     sample_weights, weighted_delta)
 from voxgrid.tensors import StateDict
 
 
