@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from .dicom import read_dicom_series
@@ -25,6 +26,47 @@ class VolumeSource:
     label: Path | None
     kind: str
     series_uid: str | None = None
+
+
+class DataRoots:
+    """The folders a node may read volumes from: a path whose fully resolved form (symlinks followed,
+    ``..`` collapsed) lies outside every root is refused with a VolumeError naming the file and the roots.
+    Checked at registration and again when a job loads the volumes (a symlink may be swapped later)."""
+
+    def __init__(self, roots):
+        self.roots = tuple(Path(r).resolve() for r in roots)
+
+    def __bool__(self) -> bool:
+        return bool(self.roots)
+
+    def _inside(self, resolved: Path) -> bool:
+        return any(resolved == r or resolved.is_relative_to(r) for r in self.roots)
+
+    def check_path(self, path: str | Path, what: str = "file", *, recursive: bool = True) -> None:
+        """Refuse `path` (and, for a folder with `recursive`, everything under it, symlinked folders
+        followed) unless each resolves inside a root; `what` names it in the error. No-op without roots."""
+        if not self.roots:
+            return
+        seen: set[Path] = set()
+        top = Path(path)
+        pending = [top]
+        while pending:
+            entry = pending.pop()
+            resolved = entry.resolve()
+            if not self._inside(resolved):
+                label = what if entry == top else f"{what}: {'folder' if resolved.is_dir() else 'file'}"
+                via = f" (resolves to {resolved})" if str(resolved) != str(entry) else ""
+                raise VolumeError(f"{label} {entry}{via} is outside the node's data roots "
+                                  f"({', '.join(map(str, self.roots))})")
+            if recursive and resolved.is_dir() and resolved not in seen:  # seen: a symlink loop ends here
+                seen.add(resolved)
+                pending.extend(sorted(entry.iterdir(), reverse=True))
+
+    def check_source(self, source: VolumeSource) -> None:
+        """Refuse a case whose image (file, or DICOM folder and every file in it) or label map escapes the roots."""
+        self.check_path(source.image, f"case {source.case_id!r} image")
+        if source.label is not None:
+            self.check_path(source.label, f"case {source.case_id!r} label map")
 
 
 def _nifti_case_id(path: Path) -> str | None:
@@ -155,3 +197,28 @@ def load_volume(source: VolumeSource, *, allow_resample: bool = False) -> Volume
             )
         label = _as_label(label_array, source.case_id)
     return Volume(image=image, affine=affine, label=label)
+
+
+def read_geometry(source: VolumeSource, *, allow_resample: bool = False) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A case image's shape (voxels, i j k) and spacing (mm) from headers only: the NIfTI header, or the
+    DICOM series reader's header pass and slice geometry (no pixel data is decoded)."""
+    if source.kind == "nifti":
+        try:
+            img = nib.load(str(source.image))  # lazy: reads the header, not the voxels
+        except Exception as exc:
+            raise VolumeError(f"cannot read NIfTI header of {source.image}: {type(exc).__name__}: {exc}") from exc
+        shape, affine = tuple(img.shape), np.asarray(img.affine, dtype=np.float64)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:
+            raise VolumeError(f"case {source.case_id!r} image {source.image} must be 3-D, got shape {shape}")
+    elif source.kind == "dicom":
+        from .dicom_read import _pick, geometry, scan_series
+
+        summary = _pick(Path(source.image), scan_series(source.image), source.series_uid)
+        slices, affine, targets, _ = geometry(summary.uid, summary.slice_list, summary.thickness, allow_resample)
+        shape = (slices[0].columns, slices[0].rows, len(targets) if targets is not None else len(slices))
+    else:
+        raise VolumeError(f"case {source.case_id!r}: unknown kind {source.kind!r} (expected 'nifti' or 'dicom')")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)

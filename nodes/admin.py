@@ -8,9 +8,10 @@ import random
 from pathlib import Path
 
 from voxgrid.datasets import VolumeError, load_volume, scan_folder
+from voxgrid.datasets.folder import read_geometry
 from voxgrid.wire import NAME_RE, normalise_tag
 
-from .home import Home, HomeError
+from .home import Home, HomeError, check_data_roots
 from .store import NodeStore, VolumeRecord
 
 SPLITS = ("train", "val", "test")
@@ -31,6 +32,16 @@ def init_home(kind: str, path: Path, name: str, *, ca_cert: Path, cert: Path, ke
         db.close()
     home.write_secret(home.owner_token_file, token)
     return token
+
+
+def set_data_roots(path: Path, roots: list[Path]) -> list[str]:
+    """Replace a node's data roots (``[]``: no restriction). Datasets already registered are not
+    re-checked here; their jobs are, when the worker loads the volumes. Returns the roots as stored."""
+    home = Home(path, "node")
+    cfg = home.load()
+    cfg.data_roots = check_data_roots(roots)
+    home.save(cfg)
+    return cfg.data_roots
 
 
 def parse_label_names(spec: str | dict) -> dict[int, str]:
@@ -80,17 +91,44 @@ def assign_splits(case_ids: list[str], fractions: tuple[float, float, float], se
     return out
 
 
-def _check_volumes(sources, names: dict[int, str], allow_resample: bool = False) -> None:
+def _check_volumes(sources, names: dict[int, str], allow_resample: bool = False) -> list[tuple[tuple, tuple]]:
     """Read every volume once: a corrupt file or a label map that does not fit its image is refused now,
-    naming the case, rather than failing a job later."""
+    naming the case, rather than failing a job later. Returns each image's (shape, spacing)."""
+    geometries = []
     for src in sources:
         vol = load_volume(src, allow_resample=allow_resample)
+        geometries.append((vol.image.shape, vol.spacing))
         if vol.label is not None:
             unknown = sorted({int(v) for v in vol.label.ravel().tolist()} - set(names) - {0}) \
                 if vol.label.size < 50_000_000 else []
             if unknown:
                 raise VolumeError(f"case {src.case_id}: label map has values {unknown} that --label-names "
                                   f"does not name (named: {names})")
+    return geometries
+
+
+def geometry_ranges(geometries) -> tuple[tuple, tuple] | tuple[None, None]:
+    """(shape_range, spacing_range) of a dataset's images: per-axis minima and maxima, the only geometry a
+    dataset publishes (spacing rounded to 1 um: header float noise is not information)."""
+    if not geometries:
+        return None, None
+    shapes = [tuple(int(n) for n in g[0]) for g in geometries]
+    spacings = [tuple(round(float(x), 3) for x in g[1]) for g in geometries]
+    return ((tuple(map(min, zip(*shapes))), tuple(map(max, zip(*shapes)))),
+            (tuple(map(min, zip(*spacings))), tuple(map(max, zip(*spacings)))))
+
+
+def _check_roots(home: Home, sources, folders: dict[str, Path | None]) -> None:
+    """Refuse, before anything is read or registered, a folder or case file that resolves outside the
+    node's data roots (symlinks followed, ``..`` collapsed); the error names the file and the roots."""
+    roots = home.data_roots(home.load())
+    if not roots:
+        return
+    for what, folder in folders.items():
+        if folder is not None:
+            roots.check_path(folder, what, recursive=False)
+    for src in sources:
+        roots.check_source(src)
 
 
 def _dataset_basics(path: Path, name: str, tags: list[str], label_names) -> tuple[Home, list[str], dict[int, str]]:
@@ -112,15 +150,18 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
     """Register a folder of NIfTI images (+ labels) or DICOM series as a dataset of the node.
 
     Every volume is read once (``check``) so a corrupt file or a label map that does not fit its
-    image is refused now, naming the case, rather than failing a job later.
+    image is refused now, naming the case, rather than failing a job later (without ``check``, only
+    headers are read, for the published shape and spacing ranges). With data roots set on the node,
+    an image or label path that resolves outside them (symlinks, ``..``) is refused first, naming the file.
     ``patients``: case id -> patient id, where several volumes are of one patient (the unit of
     privacy for DP-SGD); a patient's volumes are kept in one split. Unlisted cases: one patient each.
     Returns a summary: name, volume count per split.
     """
     home, tag_list, names = _dataset_basics(path, name, tags, label_names)
     sources = scan_folder(Path(images), Path(labels) if labels else None)
-    if check:
-        _check_volumes(sources, names)
+    _check_roots(home, sources, {"image folder": Path(images), "label folder": Path(labels) if labels else None})
+    geometries = _check_volumes(sources, names) if check else [read_geometry(s) for s in sources]
+    shape_range, spacing_range = geometry_ranges(geometries)
     patients = dict(patients or {})
     unknown = sorted(set(patients) - {s.case_id for s in sources})
     if unknown:
@@ -134,7 +175,7 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
     store = NodeStore(home.db_file)
     try:
         store.add_dataset(name, description=description, tags=tag_list, modality=modality, label_names=names,
-                          volumes=records, replace=replace)
+                          volumes=records, replace=replace, shape_range=shape_range, spacing_range=spacing_range)
     finally:
         store.close()
     return {"name": name, "volumes": len(records), "tags": tag_list,
@@ -307,6 +348,7 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
     parse_pacs_source(source)
     if labels is not None and not Path(labels).is_dir():
         raise VolumeError(f"label folder {labels} does not exist or is not a folder")
+    _check_roots(home, [], {"label folder": Path(labels) if labels is not None else None})
     if password_file is not None and not Path(password_file).is_file():
         raise FileNotFoundError(f"PACS password file {password_file} does not exist")
     if rules is None:
@@ -348,7 +390,8 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
         # The series' own cache folder: reading it does not scan the headers of every other series.
         with_labels.append(VolumeSource(case_id=s.case_id, image=series_folder(cache, s.series_uid), label=label,
                                         kind="dicom", series_uid=s.series_uid))
-    _check_volumes(with_labels, names, allow_resample=allow_resample)
+    _check_roots(home, with_labels, {})  # the series sit in HOME/cache; a label map may be a symlink
+    shape_range, spacing_range = geometry_ranges(_check_volumes(with_labels, names, allow_resample=allow_resample))
 
     split_of = assign_splits([s.case_id for s in with_labels], tuple(splits), seed)
     records = [VolumeRecord(s.case_id, str(Path(s.image).resolve()), str(Path(s.label).resolve()), s.kind,
@@ -357,7 +400,8 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
     store = NodeStore(home.db_file)
     try:
         store.add_dataset(name, description=description, tags=tag_list, modality="/".join(modalities) or "OT",
-                          label_names=names, volumes=records, replace=replace)
+                          label_names=names, volumes=records, replace=replace, shape_range=shape_range,
+                          spacing_range=spacing_range)
     finally:
         store.close()
     return {"name": name, "volumes": len(records), "tags": tag_list,

@@ -30,7 +30,8 @@ def _init(kind: str):
     def run(args):
         admin.init_home(kind, args.home, args.name, ca_cert=args.ca, cert=args.cert, key=args.key,
                                 host=args.host, port=args.port, public_url=args.public_url,
-                                **({"device": args.device, "threads": args.threads} if kind == "node" else {}))
+                                **({"device": args.device, "threads": args.threads,
+                                    "data_roots": args.data_root or []} if kind == "node" else {}))
         if kind == "node" and args.grid:
             admin.set_grid(args.home, args.grid, args.grid_token_file)
         print(f"{kind} home created at {args.home.resolve()}; owner token in {Home(args.home, kind).owner_token_file}")
@@ -52,7 +53,23 @@ def _add_init(sub, kind: str) -> None:
         p.add_argument("--grid-token-file", type=Path, help="file holding this node's grid token")
         p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the executor (0: torch's default)")
+        _data_root_arg(p)
     p.set_defaults(func=_init(kind))
+
+
+def _data_root_arg(p) -> None:
+    p.add_argument("--data-root", action="append", type=Path, metavar="PATH",
+                   help="a folder datasets may be registered from (repeatable); a volume whose resolved path "
+                        "(symlinks followed) lies outside every data root and HOME/cache is refused. Default: none")
+
+
+def _config_set(args) -> None:
+    if not args.data_root and not args.no_data_roots:
+        raise ValueError("give --data-root PATH (repeatable) or --no-data-roots")
+    if args.data_root and args.no_data_roots:
+        raise ValueError("--data-root and --no-data-roots exclude each other")
+    roots = admin.set_data_roots(args.home, [] if args.no_data_roots else args.data_root)
+    print(json.dumps({"data_roots": roots}))
 
 
 def _token(kind: str):
@@ -285,6 +302,13 @@ def register(sub) -> None:
     p = ds.add_parser("list", help="published metadata of each dataset")
     _home_arg(p, "node")
     p.set_defaults(func=_dataset_list)
+    cfg = node.add_parser("config", help="change the node's configuration").add_subparsers(dest="config_cmd",
+                                                                                           required=True)
+    p = cfg.add_parser("set", help="replace the data roots (restart a running node to apply them to its jobs)")
+    _home_arg(p, "node")
+    _data_root_arg(p)
+    p.add_argument("--no-data-roots", action="store_true", help="remove every data root (no restriction)")
+    p.set_defaults(func=_config_set)
     _add_token(node, "node", "scientist")
     _add_budget(node)
     _add_cert(node, "node")

@@ -2,7 +2,7 @@
 
 Layout (node)::
 
-    HOME/node.json        name, listen address, public URL, grid URL
+    HOME/node.json        name, listen address, public URL, grid URL, data roots
     HOME/node.db          registry, jobs, tokens, audit log (SQLite)
     HOME/owner.token      the owner's token (mode 0600)
     HOME/tls/             server.crt, server.key, ca.crt; backup/: pairs replaced by 'cert rotate'
@@ -22,12 +22,27 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from voxgrid.wire import NAME_RE
+
+if TYPE_CHECKING:
+    from voxgrid.datasets.folder import DataRoots
 
 
 class HomeError(ValueError):
     """A home folder that is missing, incomplete or malformed."""
+
+
+def check_data_roots(paths) -> list[str]:
+    """Data roots as absolute, symlink-free paths; each must be an existing folder (HomeError naming it)."""
+    out = []
+    for p in paths:
+        resolved = Path(p).expanduser().resolve()
+        if not resolved.is_dir():
+            raise HomeError(f"data root {p} does not exist or is not a folder")
+        out.append(str(resolved))
+    return sorted(set(out))
 
 
 @dataclass
@@ -42,6 +57,7 @@ class ServerConfig:
     device: str = "auto"
     threads: int = 0
     extra: dict = field(default_factory=dict)
+    data_roots: list[str] = field(default_factory=list)  # node: folders volumes may come from ([]: anywhere)
 
 
 class Home:
@@ -95,6 +111,8 @@ class Home:
         for src in (ca_cert, cert, key):
             if not Path(src).is_file():
                 raise HomeError(f"TLS file not found: {src}")
+        if config.get("data_roots"):
+            config["data_roots"] = check_data_roots(config["data_roots"])
         for d in (self.path, self.tls, self.blobs, self.updates, self.cache):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
@@ -105,6 +123,13 @@ class Home:
         cfg = ServerConfig(name=name, kind=self.kind, **config)
         self.save(cfg)
         return cfg
+
+    def data_roots(self, cfg: ServerConfig) -> DataRoots:
+        """Where this node may read volumes from: its data roots plus its own cache (PACS pulls land
+        there); no roots configured means no restriction, as before data roots existed."""
+        from voxgrid.datasets.folder import DataRoots  # here: the grid imports this module without readers
+
+        return DataRoots([*cfg.data_roots, self.cache]) if cfg.data_roots else DataRoots([])
 
     def load(self) -> ServerConfig:
         if not self.exists():

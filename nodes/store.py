@@ -18,7 +18,9 @@ CREATE TABLE IF NOT EXISTS datasets (
     tags TEXT NOT NULL,
     modality TEXT NOT NULL,
     label_names TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    shape_range TEXT,
+    spacing_range TEXT
 );
 CREATE TABLE IF NOT EXISTS volumes (
     dataset TEXT NOT NULL REFERENCES datasets(name),
@@ -65,6 +67,8 @@ class DatasetRecord:
     modality: str
     label_names: dict[int, str]  # label value at this site -> class name
     volumes: list[VolumeRecord]
+    shape_range: tuple | None = None  # ((min i, j, k), (max i, j, k)) voxels; None: registered before ranges
+    spacing_range: tuple | None = None  # the same in mm
 
     def info(self) -> DatasetInfo:
         """The published metadata (invariant 1: no paths, no case ids, no headers)."""
@@ -73,7 +77,7 @@ class DatasetRecord:
             name=self.name, description=self.description, tags=self.tags, modality=self.modality,
             volumes=len(self.volumes),
             label_names=["background"] + [self.label_names[k] for k in sorted(self.label_names)],
-            splits=splits,
+            splits=splits, shape_range=self.shape_range, spacing_range=self.spacing_range,
         )
 
 
@@ -99,6 +103,7 @@ def new_job_id() -> str:
 
 # Columns added after the first release: (name, declaration) for node.db files created before them.
 _VOLUME_COLUMNS = (("series_uid", "TEXT"), ("resample", "INTEGER NOT NULL DEFAULT 0"), ("patient", "TEXT"))
+_DATASET_COLUMNS = (("shape_range", "TEXT"), ("spacing_range", "TEXT"))  # JSON [[min...], [max...]] or NULL
 
 
 class NodeStore(Database):
@@ -112,19 +117,27 @@ class NodeStore(Database):
             for column, decl in _VOLUME_COLUMNS:
                 if column not in have:
                     c.execute(f"ALTER TABLE volumes ADD COLUMN {column} {decl}")
+            have = {r["name"] for r in c.execute("PRAGMA table_info(datasets)").fetchall()}
+            for column, decl in _DATASET_COLUMNS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE datasets ADD COLUMN {column} {decl}")
 
     # registry ----------------------------------------------------------------------------------
     def add_dataset(self, name: str, *, description: str, tags: list[str], modality: str,
-                    label_names: dict[int, str], volumes: list[VolumeRecord], replace: bool = False) -> None:
+                    label_names: dict[int, str], volumes: list[VolumeRecord], replace: bool = False,
+                    shape_range: tuple | None = None, spacing_range: tuple | None = None) -> None:
         with self.transaction() as c:
             exists = c.execute("SELECT 1 FROM datasets WHERE name=?", (name,)).fetchone()
             if exists and not replace:
                 raise ValueError(f"dataset {name!r} already exists (use --replace to rebuild it)")
             c.execute("DELETE FROM volumes WHERE dataset=?", (name,))
             c.execute("DELETE FROM datasets WHERE name=?", (name,))
-            c.execute("INSERT INTO datasets VALUES (?,?,?,?,?,?)",
+            c.execute("INSERT INTO datasets (name, description, tags, modality, label_names, created_at, shape_range, "
+                      "spacing_range) VALUES (?,?,?,?,?,?,?,?)",
                       (name, description, json.dumps(tags), modality,
-                       json.dumps({str(k): v for k, v in label_names.items()}), now()))
+                       json.dumps({str(k): v for k, v in label_names.items()}), now(),
+                       json.dumps(shape_range) if shape_range is not None else None,
+                       json.dumps(spacing_range) if spacing_range is not None else None))
             c.executemany("INSERT INTO volumes (dataset, case_id, image, label, kind, split, series_uid, resample, "
                           "patient) VALUES (?,?,?,?,?,?,?,?,?)",
                           [(name, v.case_id, v.image, v.label, v.kind, v.split, v.series_uid, int(v.allow_resample),
@@ -146,8 +159,9 @@ class NodeStore(Database):
         vols = [VolumeRecord(v["case_id"], v["image"], v["label"], v["kind"], v["split"], v["series_uid"],
                              bool(v["resample"]), v["patient"]) for v in self.query(
             "SELECT * FROM volumes WHERE dataset=? ORDER BY case_id", (name,))]
+        ranges = [tuple(map(tuple, json.loads(r[k]))) if r[k] else None for k in ("shape_range", "spacing_range")]
         return DatasetRecord(r["name"], r["description"], json.loads(r["tags"]), r["modality"],
-                             {int(k): v for k, v in json.loads(r["label_names"]).items()}, vols)
+                             {int(k): v for k, v in json.loads(r["label_names"]).items()}, vols, *ranges)
 
     def datasets(self) -> list[DatasetRecord]:
         return [self.dataset(r["name"]) for r in self.query("SELECT name FROM datasets ORDER BY name")]

@@ -50,7 +50,8 @@ def test_receipts_state_epsilon_and_cumulative_spend(ledger):
     single = epsilon(GAUSS.events(), 1e-5)
     assert r1.dp and r1.epsilon == pytest.approx(single) and r1.delta == 1e-5
     assert r1.cumulative_epsilon == pytest.approx(single) and r1.mechanism == "gaussian_update"
-    assert r1.parameters == [{"mechanism": "gaussian_update", "clip": 1.0, "noise_multiplier": 4.0, "delta": 1e-5}]
+    assert r1.parameters == [{"mechanism": "gaussian_update", "clip": 1.0, "noise_multiplier": 4.0, "delta": 1e-5,
+                              "distributed": False}]
     r2 = one_release(ledger, "j2")
     assert r2.epsilon == pytest.approx(single)
     assert single < r2.cumulative_epsilon < 2 * single  # RDP composition beats adding epsilons

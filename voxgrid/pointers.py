@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from voxgrid.client import AccessRefused, GridClient, NodeClient
 from voxgrid.wire import DatasetInfo, normalise_tag
 
-_COLUMNS = ("node", "dataset", "tags", "volumes", "labels", "splits")
+_COLUMNS = ("node", "dataset", "tags", "volumes", "labels", "splits", "shape", "spacing (mm)")
+
+
+def _range(r, fmt) -> str:
+    """((min per axis), (max per axis)) -> ``512x512x80-120``: one figure for an axis that does not vary."""
+    if r is None:
+        return ""
+    return "x".join(fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}" for lo, hi in zip(*r))
+
 
 _REFUSED = ("a DatasetPointer holds metadata only: the voxels of {ds!r} stay at node {node!r}. "
             "Send computation to the data instead: voxgrid.Experiment(plan, pointers).run()")
@@ -30,7 +38,8 @@ class DatasetPointer:
     def row(self) -> dict:
         i = self.info
         return {"node": self.node, "dataset": i.name, "tags": " ".join(i.tags), "volumes": i.volumes,
-                "labels": ", ".join(i.label_names[1:]), "splits": " / ".join(f"{k} {v}" for k, v in i.splits.items())}
+                "labels": ", ".join(i.label_names[1:]), "splits": " / ".join(f"{k} {v}" for k, v in i.splits.items()),
+                "shape": _range(i.shape_range, str), "spacing (mm)": _range(i.spacing_range, "{:g}".format)}
 
     def get(self):
         """Always refused: asks the node (which refuses and audits the request) and raises AccessRefused."""

@@ -60,6 +60,10 @@ class DatasetInfo(Message):
     volumes: int
     label_names: list[str] = Field(description="classes annotated at this site, background first")
     splits: dict[str, int] = Field(description="volume counts per split")
+    shape_range: tuple[tuple[int, int, int], tuple[int, int, int]] | None = Field(
+        None, description="smallest and largest image size per axis (i, j, k) in voxels; None: not known")
+    spacing_range: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
+        None, description="smallest and largest voxel spacing per axis (i, j, k) in mm; None: not known")
 
 
 class NodeInfo(Message):
