@@ -148,7 +148,7 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
             data = cache.get(key)
             if data is None:
                 try:
-                    data = prepare(ds["volumes"], site_labels, plan, cache=prep_cache)
+                    data = prepare(ds["volumes"], site_labels, plan, cache=prep_cache, roots=ds.get("data_roots"))
                 except Exception:
                     # Reader errors name files, series UIDs and descriptions: they stay in the node's log.
                     log.warning("job %s: loading dataset %s failed: %s", job_id, req.dataset, traceback.format_exc())

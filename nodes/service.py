@@ -315,7 +315,9 @@ class NodeService:
             return
         self.executor.submit({"job_id": job_id, "request": req.model_dump(mode="json"),
                               "dataset": {"label_names": {str(k): v for k, v in ds.label_names.items()},
-                                          "volumes": vols, "fingerprint": fingerprint.hexdigest()}}, weights)
+                                          "volumes": vols, "fingerprint": fingerprint.hexdigest(),
+                                          "data_roots": [str(r) for r in self.home.data_roots(self.config).roots]}},
+                              weights)
 
     def _recover(self) -> None:
         """After a restart, queue again the jobs that were queued or running when the node stopped."""

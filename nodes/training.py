@@ -20,6 +20,7 @@ from monai.metrics import DiceMetric
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
 from voxgrid.datasets import VolumeSource, load_volume
+from voxgrid.datasets.folder import DataRoots
 from voxgrid.plan import Plan, build_network, build_optimizer, build_transforms, local_keys
 from voxgrid.tensors import StateDict, check_compatible
 from voxgrid.wire import Metrics
@@ -63,15 +64,20 @@ def _prepare_one(v: dict, pre, lut: np.ndarray) -> dict:
     return pre(item) if pre is not None else item
 
 
-def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan, cache=None) -> PreparedData:
+def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan, cache=None,
+            roots: list[str] | None = None) -> PreparedData:
     """Load every volume of a dataset and apply the plan's preprocessing (deterministic transforms).
 
     ``cache`` (a :class:`.prepcache.PrepCache`): take each prepared volume from the node's disk cache
-    when its source, pipeline and label mapping are unchanged, and store the ones built."""
+    when its source, pipeline and label mapping are unchanged, and store the ones built.
+    ``roots``: the node's data roots; a volume whose files now resolve outside them (a symlink swapped
+    since registration) is refused before anything of it is read, from disk or from the cache."""
+    allowed = DataRoots(roots or [])
     pre = Compose(build_transforms(plan.preprocessing)) if plan.preprocessing else None
     lut = label_lut(site_labels, plan)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for v in volumes:
+        allowed.check_source(VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"]))
         if cache is None:
             item = _prepare_one(v, pre, lut)
         else:

@@ -112,6 +112,17 @@ def test_label_escaping_the_root_is_refused(node):
         _add(node, "x", node["data"] / "nifti" / "images", node["outside"] / "labels")
 
 
+def test_the_node_cache_is_always_allowed(node):
+    """PACS pulls land in HOME/cache/pacs/: inside the allowed roots whatever the data roots are."""
+    home = Home(node["home"])
+    series = home.cache / "pacs" / "ct" / "series-0"
+    shutil.copytree(node["data"] / "dicom" / "images" / "d-000", series)
+    roots = home.data_roots(home.load())
+    roots.check_source(VolumeSource("series-0", series, node["data"] / "dicom" / "labels" / "d-000.nii.gz", "dicom"))
+    with pytest.raises(VolumeError, match="label map"):
+        roots.check_source(VolumeSource("series-0", series, node["outside"] / "d-000.nii.gz", "dicom"))
+
+
 def test_swapped_symlink_is_refused_at_load_time(tmp_path, sites):
     """What the worker does before reading a registered volume: the roots are checked again."""
     data, outside = tmp_path / "data", tmp_path / "outside"
@@ -173,3 +184,58 @@ def test_cli_data_root_flag_and_config_set(tmp_path, pki, sites, capsys):
     assert code == 0, err
     code, _, err = _vx(capsys, "node", "config", "set", "--home", home)
     assert code == 2 and "--data-root PATH" in err
+
+
+def test_the_worker_refuses_a_symlink_swapped_after_registration(node):
+    """The executor's prepare() re-checks the roots the service hands it, before the disk or the cache."""
+    import voxgrid
+    from voxgrid.nodes.prepcache import PrepCache
+    from voxgrid.nodes.training import prepare
+
+    _add(node, "ct", node["data"] / "nifti" / "images", node["data"] / "nifti" / "labels")
+    store = NodeStore(Home(node["home"]).db_file)
+    ds = store.dataset("ct")
+    store.close()
+    home = Home(node["home"])
+    roots = [str(r) for r in home.data_roots(home.load()).roots]
+    plan = voxgrid.unet_plan(["background", "pancreas"])
+    volumes = [v.__dict__ for v in ds.volumes]
+    cache = PrepCache(node["home"] / "cache" / "prepared")
+    assert len(prepare(volumes, ds.label_names, plan, cache=cache, roots=roots).splits["train"]) >= 1
+    image = node["data"] / "nifti" / "images" / "s-000.nii.gz"
+    shutil.move(image, node["outside"] / "s-000.nii.gz")
+    image.symlink_to(node["outside"] / "s-000.nii.gz")  # same bytes, now off the data root
+    with pytest.raises(VolumeError, match="case 's-000' image .*outside the node's data roots"):
+        prepare(volumes, ds.label_names, plan, cache=cache, roots=roots)
+    assert len(prepare(volumes, ds.label_names, plan, cache=cache).splits["train"]) >= 1  # no roots: as before
+
+
+@pytest.mark.slow
+def test_a_job_on_a_swapped_symlink_fails_without_naming_the_path(node):
+    """Through the real executor process: the job fails, the reason stays in the node's log."""
+    import time
+
+    from voxgrid import tensors, unet_plan
+    from voxgrid.nodes.service import Caller, NodeService
+    from voxgrid.plan import initial_weights
+    from voxgrid.wire import JobRequest
+
+    _add(node, "ct", node["data"] / "nifti" / "images", node["data"] / "nifti" / "labels")
+    image = node["data"] / "nifti" / "images" / "s-000.nii.gz"
+    shutil.move(image, node["outside"] / image.name)
+    image.symlink_to(node["outside"] / image.name)
+    service = NodeService(Home(node["home"]))
+    try:
+        alice = Caller("alice", "scientist")
+        plan = unet_plan(["background", "pancreas"], channels=(4, 8), strides=(2,), num_res_units=0)
+        ref = service.put_weights(alice, tensors.dumps(initial_weights(plan)))
+        job = service.submit(alice, JobRequest(experiment_id="e", round=0, dataset="ct", weights_id=ref.weights_id,
+                                               plan=plan.model_dump(mode="json"), plan_hash=plan.content_hash))
+        deadline = time.monotonic() + 120
+        while (st := service.job_status(alice, job.job_id)).state in ("queued", "running"):
+            assert time.monotonic() < deadline, "job did not finish"
+            time.sleep(0.2)
+        assert st.state == "failed" and "could not be loaded" in st.error
+        assert str(node["outside"]) not in st.error and "/" not in st.error
+    finally:
+        service.close()

@@ -71,7 +71,8 @@ def test_search_returns_pointers_with_a_table(federation):
     text = repr(ptrs)
     assert "node-site-a" in text and "#pancreas" in text and "train" in text
     frame = ptrs.to_frame()
-    assert list(frame.columns) == ["node", "dataset", "tags", "volumes", "labels", "splits"]
+    assert list(frame.columns) == ["node", "dataset", "tags", "volumes", "labels", "splits", "shape", "spacing (mm)"]
+    assert frame["shape"].tolist() == ["32x32x32"] * 3  # the published shape range, compactly
     assert "<table>" in ptrs._repr_html_()
     with pytest.raises(voxgrid.RequestRefused, match="malformed tag"):
         grid._grid.search("no spaces allowed")

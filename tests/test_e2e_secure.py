@@ -64,15 +64,16 @@ def test_a_node_killed_mid_round_is_dropped_and_the_others_sum_is_recovered(fede
     victim = ptrs[2].node
     index = [p.name for p in federation.nodes].index(victim)
 
-    def run_job(p, secure):
+    def wait(p, ticket):
         if p.node == victim:  # dies after sharing its keys, before its masked update
             federation.kill_node(index)
-        return exp._await(p, exp._job(p, 0, wid, "train", secure=secure), blob)
+        return exp._wait(p, ticket)
 
     config = SecAggConfig(experiment_id=exp.experiment_id, round=0, nodes=tuple(p.node for p in ptrs), threshold=2,
                           clip=1e3, max_weight=100.0, bits=64)
     try:
-        out = secure_round(config=config, weight="samples", pointers=ptrs, like=exp.global_weights, run_job=run_job)
+        out = secure_round(config=config, weight="samples", pointers=ptrs, like=exp.global_weights, wait=wait,
+                           submit=lambda p, secure: exp._submit(p, exp._job(p, 0, wid, "train", secure=secure), blob))
     finally:
         federation.restart_node(index)
     assert out.error is None, out.error

@@ -217,8 +217,9 @@ class Experiment:
                               nodes=tuple(sorted(p.node for p in self.pointers)), threshold=self.threshold,
                               clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=64)
         out = secure_round(config=config, weight=weight, pointers=self.pointers, like=self.global_weights,
-                           run_job=lambda p, secure: self._await(p, self._job(p, rnd, wid, "train", secure=secure),
-                                                                 blob))
+                           submit=lambda p, secure: self._submit(p, self._job(p, rnd, wid, "train", secure=secure),
+                                                                 blob),
+                           wait=self._wait)
         self._check_answered(rnd, out.outcomes, extra=f"; {out.error}" if out.error else "")
         self.global_weights = self.strategy.apply_mean(self.global_weights, out.mean_delta)
         return out.outcomes
@@ -242,6 +243,10 @@ class Experiment:
 
     def _await(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> JobStatus:
         """Upload weights (if the node lacks them), submit, long-poll until the job ends or the timeout passes."""
+        return self._wait(p, self._submit(p, req, blob))
+
+    def _submit(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> tuple[JobStatus, float]:
+        """Submit (uploading the weights first if needed); returns the status and the job's deadline."""
         deadline = time.monotonic() + self.job_timeout
         uploaded = self._put_weights(p, blob, req.weights_id)
         try:
@@ -252,6 +257,10 @@ class Experiment:
             # The node no longer holds the weights sent earlier (e.g. a rebuilt home): send them again.
             self._put_weights(p, blob, req.weights_id, force=True)
             st = p.client.submit(req)
+        return st, deadline
+
+    def _wait(self, p: DatasetPointer, submitted: tuple[JobStatus, float]) -> JobStatus:
+        st, deadline = submitted
         while st.state in ("queued", "running"):
             if _timed_out(deadline):
                 raise TimeoutError(f"job {st.job_id} did not finish within {self.job_timeout:.0f} s")

@@ -5,7 +5,8 @@ One round, with every call to a node in parallel:
 
 1. keys: each node makes fresh key pairs and signs them with its federation identity;
 2. shares: each node checks everyone's keys and splits its secrets for the others;
-3. train: each node runs its job, then masks its weighted update with the shares relayed to it;
+3. train: each node runs its job (started before step 1, so steps 1-2 overlap training), then
+   masks its weighted update with the shares relayed to it;
 4. reveal: the nodes that sent a masked update reveal the shares needed to cancel the masks.
 
 A node that fails at any step is dropped; the sum is recovered as long as ``threshold`` nodes
@@ -74,12 +75,14 @@ def _parallel(fn: Callable, items: list) -> list:
 
 
 def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPointer], like: StateDict,
-                 run_job: Callable[[DatasetPointer, SecureAggregation], JobStatus]) -> SecureOutcome:
-    """Run one secure round; ``run_job(pointer, secure)`` submits the train job and waits for it."""
+                 submit: Callable[[DatasetPointer, SecureAggregation], object],
+                 wait: Callable[[DatasetPointer, object], JobStatus]) -> SecureOutcome:
+    """Run one secure round. ``submit(pointer, secure)`` sends the train job and returns a ticket;
+    ``wait(pointer, ticket)`` waits for the job's status. The jobs start first, so the key agreement
+    runs while the nodes train."""
     secure = SecureAggregation(config=config.to_json(), weight=weight)
     server = SecAggServer(config)
     errors: dict[str, str] = {}
-    alive = list(pointers)
 
     def step(name: str, fn: Callable, items: list) -> list:
         results = _parallel(fn, items)
@@ -91,6 +94,8 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
                 errors[p.node] = f"{name}: {err}"
         return kept
 
+    tickets = dict((p.node, t) for p, t in step("train", lambda p: submit(p, secure), list(pointers)))
+    alive = [p for p in pointers if p.node in tickets]
     for p, keys in step("keys", lambda p: p.client.secagg_keys(SecAggKeysRequest(dataset=p.name, secure=secure)),
                         alive):
         try:
@@ -113,7 +118,7 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
     lock = threading.Lock()
 
     def train(p: DatasetPointer) -> JobStatus:
-        st = run_job(p, secure)
+        st = wait(p, tickets[p.node])
         statuses[p.node] = st  # metrics and receipt, even if masking fails after
         words = p.client.secagg_masked(SecAggMaskedRequest(job_id=st.job_id, inbox=inboxes.get(p.node, [])))
         masked = unpack_words(words, bits=config.bits)
