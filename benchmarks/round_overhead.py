@@ -132,11 +132,13 @@ def run(args, echo=print) -> dict:
                            "overhead_s": r.overhead_s,
                            "ratio": r.overhead_s / r.compute_s if r.compute_s > 0 else math.nan,
                            "nodes": {s.site: {"compute_s": s.compute_s, "samples": s.samples, "loss": s.loss}
-                                     for s in r.sites}}
+                                     for s in r.sites}, "secure_s": r.secure_s}
                     rows.append(row)
                     per_node = " ".join(f"{s.compute_s * 1e3:.0f}" for s in r.sites)
                     echo(f"{r.round:>5} {r.train_wall_s * 1e3:>10.0f} {r.compute_s * 1e3:>11.0f} "
-                         f"{r.overhead_s * 1e3:>12.0f} {row['ratio']:>17.3f}   {per_node}")
+                         f"{r.overhead_s * 1e3:>12.0f} {row['ratio']:>17.3f}   {per_node}"
+                         + ("   secure ms: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in r.secure_s.items())
+                            if r.secure_s else ""))
 
                 exp.run(progress=False, on_round=on_round)
             finally:

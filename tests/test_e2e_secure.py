@@ -70,7 +70,7 @@ def test_a_node_killed_mid_round_is_dropped_and_the_others_sum_is_recovered(fede
         return exp._wait(p, ticket)
 
     config = SecAggConfig(experiment_id=exp.experiment_id, round=0, nodes=tuple(p.node for p in ptrs), threshold=2,
-                          clip=1e3, max_weight=100.0, bits=64)
+                          clip=100.0, max_weight=100.0, bits=32)
     try:
         out = secure_round(config=config, weight="samples", pointers=ptrs, like=exp.global_weights, wait=wait,
                            submit=lambda p, secure: exp._submit(p, exp._job(p, 0, wid, "train", secure=secure), blob))

@@ -24,7 +24,8 @@ from voxgrid.strategies import ClientUpdate, FedAvg, Strategy, StrategyState, fr
 from voxgrid.tensors import StateDict
 from voxgrid.privacy import PrivacySpec
 from voxgrid.privacy.secagg import SecAggConfig
-from voxgrid.secure import DEFAULT_CLIP as SECURE_CLIP
+from voxgrid.secure import BITS as SECURE_BITS
+from voxgrid.secure import CLIP as SECURE_CLIP
 from voxgrid.secure import check_secure, secure_round
 from voxgrid.wire import NAME_RE, JobRequest, JobStatus, SecureAggregation
 
@@ -60,6 +61,7 @@ class RoundResult:
     compute_s: float  # the slowest node's local compute: the critical path of the round
     train_wall_s: float
     eval_wall_s: float = 0.0
+    secure_s: dict = field(default_factory=dict)  # secure aggregation: seconds per step (voxgrid.secure)
 
     @property
     def overhead_s(self) -> float:
@@ -179,7 +181,8 @@ class Experiment:
         if self.selection:
             self._select(rnd, sites)
         result = RoundResult(round=rnd, sites=sites, wall_s=time.perf_counter() - t0, compute_s=compute,
-                             train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1)
+                             train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1,
+                             secure_s=self._secure_timings if self.secure_aggregation else {})
         self.history.append(result)
         if self.checkpoint_dir:
             self.save_checkpoint(self.checkpoint_dir)
@@ -215,11 +218,12 @@ class Experiment:
                                                                 for p in self.pointers))
         config = SecAggConfig(experiment_id=self.experiment_id, round=rnd,
                               nodes=tuple(sorted(p.node for p in self.pointers)), threshold=self.threshold,
-                              clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=64)
+                              clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=SECURE_BITS)
         out = secure_round(config=config, weight=weight, pointers=self.pointers, like=self.global_weights,
                            submit=lambda p, secure: self._submit(p, self._job(p, rnd, wid, "train", secure=secure),
                                                                  blob),
                            wait=self._wait)
+        self._secure_timings = out.timings
         self._check_answered(rnd, out.outcomes, extra=f"; {out.error}" if out.error else "")
         self.global_weights = self.strategy.apply_mean(self.global_weights, out.mean_delta)
         return out.outcomes

@@ -16,6 +16,7 @@ stay to the end. The aggregator then divides the weighted sum by the total weigh
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,9 +27,12 @@ from voxgrid.privacy.secagg import SecAggConfig, SecAggError, SecAggServer, unpa
 from voxgrid.tensors import StateDict, unflatten
 from voxgrid.wire import JobStatus, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, SecureAggregation
 
-#: Largest magnitude of an update entry (after weighting: per unit of weight) that the ring holds.
-#: Deltas of a round are orders of magnitude smaller; the 64-bit ring keeps ~1e-13 resolution.
-DEFAULT_CLIP = 1e3
+#: Largest magnitude of an update entry the ring holds (larger entries are clipped): a round's
+#: weight deltas are orders of magnitude smaller.
+CLIP = 100.0
+#: Ring Z_2^32: the weighted mean's rounding error is at most about n * CLIP / 2^32 * (n * max_weight /
+#: total weight), ~1e-7 for three balanced sites, and the masked update is as large as a float32 one.
+BITS = 32
 
 
 def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | None) -> int:
@@ -58,6 +62,7 @@ class SecureOutcome:
     mean_delta: StateDict | None = None
     error: str | None = None
     dropped: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step, as the aggregator saw them
 
 
 def _parallel(fn: Callable, items: list) -> list:
@@ -84,8 +89,12 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
     server = SecAggServer(config)
     errors: dict[str, str] = {}
 
+    timings: dict[str, float] = {}
+
     def step(name: str, fn: Callable, items: list) -> list:
+        t0 = time.perf_counter()
         results = _parallel(fn, items)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         kept = []
         for p, (value, err) in zip(items, results):
             if err is None:
@@ -94,7 +103,7 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
                 errors[p.node] = f"{name}: {err}"
         return kept
 
-    tickets = dict((p.node, t) for p, t in step("train", lambda p: submit(p, secure), list(pointers)))
+    tickets = dict((p.node, t) for p, t in step("submit", lambda p: submit(p, secure), list(pointers)))
     alive = [p for p in pointers if p.node in tickets]
     for p, keys in step("keys", lambda p: p.client.secagg_keys(SecAggKeysRequest(dataset=p.name, secure=secure)),
                         alive):
@@ -120,14 +129,18 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
     def train(p: DatasetPointer) -> JobStatus:
         st = wait(p, tickets[p.node])
         statuses[p.node] = st  # metrics and receipt, even if masking fails after
+        t0 = time.perf_counter()
         words = p.client.secagg_masked(SecAggMaskedRequest(job_id=st.job_id, inbox=inboxes.get(p.node, [])))
         masked = unpack_words(words, bits=config.bits)
         with lock:  # the aggregator's running sum is not thread-safe
             server.add_masked(p.node, masked)
+            timings["masked (slowest node)"] = max(timings.get("masked (slowest node)", 0.0),
+                                                   time.perf_counter() - t0)
         return st
 
     done = step("train", train, sharers)
-    outcome = SecureOutcome(outcomes=[(statuses.get(p.node), errors.get(p.node)) for p in pointers], dropped=errors)
+    outcome = SecureOutcome(outcomes=[(statuses.get(p.node), errors.get(p.node)) for p in pointers], dropped=errors,
+                            timings=timings)
     try:
         summed = set(server.reveal_request().survivors)
         revealed = step("reveal", lambda p: p.client.secagg_reveal(server.reveal_request(p.node)),
@@ -135,7 +148,9 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
         # A node whose masked update is in the sum counts, even if it then failed to reveal its shares.
         outcome.outcomes = [(statuses.get(p.node), None if p.node in summed else errors.get(p.node))
                             for p in pointers]
+        t0 = time.perf_counter()
         total, weight_sum = server.unmask([s for _, shares in revealed for s in shares])
+        timings["unmask"] = time.perf_counter() - t0
     except SecAggError as exc:
         outcome.error = f"secure aggregation could not unmask the sum: {exc}"
         return outcome
