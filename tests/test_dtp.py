@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
-from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 
 import voxgrid
 from voxgrid.nodes.objective import DynamicTaskPriority, LocalObjective, dtp_weight, soft_dice
 from voxgrid.nodes.training import PreparedData, Trainer, run_job
 from voxgrid.plan import PlanError, TaskPriority, build_network
+from cubes import cube_volume  # test support: tests/cubes.py
 
 LABELS = ["background", "pancreas", "tumor"]
 TINY = dict(channels=(4, 8), strides=(2,), num_res_units=0, patch_size=(16, 16, 16), amp=False)
@@ -129,19 +129,12 @@ def test_dtp_is_refused_with_dp_sgd():
     assert LocalObjective(gauss, {1, 2}, build_network(gauss)).dtp is not None
 
 
-def _volume(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    image = 0.1 * torch.randn(1, 16, 16, 16, generator=g)
-    image[:, 4:10, 4:10, 4:10] += 1.0
-    label = torch.zeros(1, 16, 16, 16)
-    label[:, 4:10, 4:10, 4:10] = 1.0
-    return {"image": MetaTensor(image), "label": MetaTensor(label)}
 
 
 def test_a_node_trains_with_dtp():
     plan = voxgrid.unet_plan(LABELS, **TINY, local_epochs=1, samples_per_volume=1).with_local(
         dtp={"gamma": 2.0, "alpha": 0.5, "r": 1.0})
-    data = PreparedData({"train": [_volume(0), _volume(1)], "val": [_volume(2)], "test": []}, {1})
+    data = PreparedData({"train": [cube_volume(0), cube_volume(1)], "val": [cube_volume(2)], "test": []}, {1})
     m, delta = run_job(Trainer(torch.device("cpu")), plan, "train", data, voxgrid.plan.initial_weights(plan),
                        split="val", evaluate=True, seed=0)
     assert m.loss is not None and math.isfinite(m.loss) and m.steps == 1

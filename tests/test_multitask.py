@@ -4,7 +4,6 @@ and local fine-tuning after federation (``voxgrid.baselines.finetune``)."""
 
 import pytest
 import torch
-from monai.data import MetaTensor
 
 import voxgrid
 from voxgrid.baselines import finetune, finetune_plan
@@ -15,6 +14,7 @@ from voxgrid.plan import PlanError, build_network, initial_weights, local_keys
 from voxgrid.pointers import DatasetPointer
 from voxgrid.tensors import digest, dumps, loads
 from voxgrid.wire import DatasetInfo, JobStatus, Metrics, WeightsRef
+from cubes import cube_volume  # test support: tests/cubes.py
 
 LABELS = ["background", "pancreas", "tumor"]
 TINY = dict(channels=(4, 8), strides=(2,), num_res_units=0, patch_size=(16, 16, 16), amp=False)
@@ -25,16 +25,9 @@ def _plan(**kw):
     return voxgrid.unet_plan(LABELS, **{**TINY, "local_epochs": 1, "samples_per_volume": 1, **kw})
 
 
-def _volume(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    image = 0.1 * torch.randn(1, 16, 16, 16, generator=g)
-    image[:, 4:10, 4:10, 4:10] += 1.0
-    label = torch.zeros(1, 16, 16, 16)
-    label[:, 4:10, 4:10, 4:10] = 1.0
-    return {"image": MetaTensor(image), "label": MetaTensor(label)}
 
 
-DATA = PreparedData({"train": [_volume(0), _volume(1)], "val": [_volume(2)], "test": [_volume(3)]}, {1})
+DATA = PreparedData({"train": [cube_volume(0), cube_volume(1)], "val": [cube_volume(2)], "test": [cube_volume(3)]}, {1})
 
 
 def test_head_keys_are_named_by_prefix_and_checked():
