@@ -32,7 +32,6 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from voxgrid.plan import Plan, TaskPriority, build_loss, prefixed_keys
-from voxgrid.privacy import PrivacySpec
 
 
 def is_softmax_loss(spec: dict) -> bool:
@@ -157,11 +156,7 @@ class LocalObjective:
         self.merge = is_softmax_loss(plan.loss)
         self.loss_fn = build_loss(plan, classes=[0, *self.present] if partial else None)
         self.mu = plan.local.proximal_mu
-        if plan.local.dtp and plan.privacy is not None and PrivacySpec.parse(plan.privacy).dp_sgd:
-            # DTP's weights come from earlier batches, i.e. other patients: each patient's clipped
-            # gradient would then depend on other patients' data, which DP-SGD's accounting excludes.
-            raise ValueError("plan.local.dtp cannot run with DP-SGD (plan.privacy 'dp_sgd'): its loss weights "
-                             "depend on other patients' data; remove one of them")
+        # DTP with DP-SGD is refused when the plan is made (voxgrid.plan.dp_sgd_problems).
         self.dtp = DynamicTaskPriority(plan.local.dtp, self.present) if plan.local.dtp else None
         # one loss per task, over its 2 channels (background-or-other, the class)
         self.task_losses = {c: build_loss(plan, classes=[0, c]) for c in self.present} if self.dtp else {}

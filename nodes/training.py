@@ -21,7 +21,7 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
 from voxgrid.datasets import VolumeSource, load_volume
 from voxgrid.datasets.folder import DataRoots
-from voxgrid.plan import Plan, build_network, build_optimizer, build_transforms, local_keys
+from voxgrid.plan import Plan, build_network, dp_sgd_problems, build_optimizer, build_transforms, local_keys
 from voxgrid.tensors import StateDict, check_compatible
 from voxgrid.wire import Metrics
 
@@ -90,25 +90,11 @@ def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan, cache=
 
 
 def refuse_for_dp_sgd(plan: Plan, net: torch.nn.Module) -> None:
-    """Raise ValueError naming what in the plan DP-SGD cannot train soundly.
+    """Raise ValueError naming what in the plan DP-SGD cannot train soundly (:func:`voxgrid.plan.dp_sgd_problems`).
 
-    Layers are refused, not replaced: replacing batch norm at one node would change the network's
-    tensors, and its update would no longer fit the federation's model. The scientist changes the
-    plan instead (e.g. ``"norm": "instance"`` for MONAI's UNet).
+    Plans are checked when made; this checks again with the network actually built at the node.
     """
-    problems = []
-    for name, m in net.named_modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            problems.append(f"layer {name!r} ({type(m).__name__}): batch norm mixes the patients of a batch, "
-                            "so no per-patient gradient exists; use instance, group or layer norm "
-                            "(e.g. \"norm\": \"instance\" in plan.network)")
-        elif list(m.buffers(recurse=False)):
-            problems.append(f"layer {name!r} ({type(m).__name__}): its running statistics "
-                            f"({', '.join(n for n, _ in m.named_buffers(recurse=False))}) follow the patients "
-                            "without noise; use a layer without them (e.g. track_running_stats off)")
-    if plan.local.dtp is not None:
-        problems.append("plan.local.dtp: dynamic task priority weighs every patient's loss by the batch's Dice, "
-                        "so one patient changes the others' gradients and clipping no longer bounds them")
+    problems = dp_sgd_problems(plan, net)
     if problems:
         raise ValueError("DP-SGD (plan.privacy 'dp_sgd') cannot train this plan:\n" + "\n".join(problems))
 

@@ -119,10 +119,9 @@ def test_without_dtp_the_plain_loss_and_plan_validation():
 def test_dtp_is_refused_with_dp_sgd():
     # its weights come from earlier batches (other patients), which DP-SGD's per-patient bound excludes
     data = _plan(gamma=1.0, alpha=0.5, r=1.0).model_dump(mode="json")
-    dpsgd = voxgrid.Plan(**{**data, "privacy": {"mechanism": "dp_sgd", "noise_multiplier": 1.1,
-                                                "max_grad_norm": 1.0, "delta": 1e-5}})
-    with pytest.raises(ValueError, match="plan.local.dtp cannot run with DP-SGD"):
-        LocalObjective(dpsgd, {1, 2}, build_network(dpsgd))
+    with pytest.raises(PlanError, match="plan.local.dtp: dynamic task priority"):
+        voxgrid.Plan(**{**data, "privacy": {"mechanism": "dp_sgd", "noise_multiplier": 1.1, "max_grad_norm": 1.0,
+                                            "delta": 1e-5}})
     # update-level noise is fine: it sees only the finished update
     gauss = voxgrid.Plan(**{**data, "privacy": {"mechanism": "gaussian_update", "clip": 1.0,
                                                 "noise_multiplier": 1.0, "delta": 1e-5}})

@@ -10,7 +10,7 @@ import voxgrid
 from voxgrid.nodes.service import Invalid
 from voxgrid.nodes.store import NodeStore, VolumeRecord
 from voxgrid.nodes.training import Trainer, refuse_for_dp_sgd
-from voxgrid.plan import build_network
+from voxgrid.plan import PlanError, build_network
 from voxgrid.privacy import Ledger, PrivacySpec, PrivacySpecError, TrainingContext
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
 from voxgrid.privacy.mechanisms import apply_filters, secure_generator
@@ -108,13 +108,14 @@ def test_each_patient_moves_the_weights_at_most_max_grad_norm():
 
 
 def test_layers_dp_sgd_cannot_train_are_refused_by_name():
-    plan = voxgrid.unet_plan(LABELS, **{**TINY, "privacy": DPSGD},
-                             network={"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-                                      "channels": [4, 8], "strides": [2], "num_res_units": 1, "norm": "batch"})
-    net = build_network(plan)
-    with pytest.raises(ValueError, match=r"layer 'model\.0\.conv\.unit0\.adn\.N' \(BatchNorm3d\)") as e:
-        Trainer(torch.device("cpu")).train(plan, net, [_volume(0, "a")], seed=0, present={1})
+    batch_norm = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
+                  "strides": [2], "num_res_units": 1, "norm": "batch"}
+    with pytest.raises(PlanError, match=r"layer 'model\.0\.conv\.unit0\.adn\.N' \(BatchNorm3d\)") as e:
+        voxgrid.unet_plan(LABELS, **{**TINY, "privacy": DPSGD}, network=batch_norm)  # on the scientist's side
     assert "norm" in str(e.value) and "instance" in str(e.value)
+    plain = voxgrid.unet_plan(LABELS, **TINY, network=batch_norm)
+    with pytest.raises(ValueError, match=r"BatchNorm3d"):  # and again at the node, on the network it built
+        refuse_for_dp_sgd(plain, build_network(plain))
     refuse_for_dp_sgd(_plan(), build_network(_plan()))  # the default UNet (instance norm) is fine
 
 

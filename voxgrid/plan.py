@@ -212,6 +212,9 @@ class Plan(BaseModel):
             problems.append("plan.pos_neg: at least one of (foreground, background) must be > 0")
         if self.privacy is not None:
             problems += components.json_problems(self.privacy, "plan.privacy")
+        if not problems and _asks_dp_sgd(self.privacy):
+            with torch.device("meta"):
+                problems += dp_sgd_problems(self, build_network(self))
         if problems:
             raise PlanError("\n".join(problems))
         return self
@@ -285,6 +288,40 @@ class Plan(BaseModel):
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _asks_dp_sgd(privacy: dict | None) -> bool:
+    """Whether a well-formed privacy spec includes DP-SGD (a malformed one is the node's to refuse, by field)."""
+    from voxgrid.privacy import PrivacySpec, PrivacySpecError
+
+    try:
+        spec = PrivacySpec.parse(privacy)
+    except PrivacySpecError:
+        return False
+    return spec is not None and spec.dp_sgd is not None
+
+
+def dp_sgd_problems(plan: Plan, net: torch.nn.Module) -> list[str]:
+    """What in ``plan`` (with its network ``net``) DP-SGD cannot train soundly, one line each.
+
+    Layers are refused, not replaced: replacing batch norm at one node would change the network's
+    tensors, and its update would no longer fit the federation's model. The scientist changes the
+    plan instead (e.g. ``"norm": "instance"`` for MONAI's UNet).
+    """
+    problems = []
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            problems.append(f"plan.network: layer {name!r} ({type(m).__name__}): batch norm mixes the patients of "
+                            "a batch, so no per-patient gradient exists for DP-SGD; use instance, group or layer "
+                            "norm (e.g. \"norm\": \"instance\" in plan.network)")
+        elif list(m.buffers(recurse=False)):
+            problems.append(f"plan.network: layer {name!r} ({type(m).__name__}): its running statistics "
+                            f"({', '.join(n for n, _ in m.named_buffers(recurse=False))}) follow the patients "
+                            "without noise, so DP-SGD cannot use it (e.g. turn track_running_stats off)")
+    if plan.local.dtp is not None:
+        problems.append("plan.local.dtp: dynamic task priority weighs every patient's loss by the batch's Dice, "
+                        "so one patient changes the others' gradients and DP-SGD's clipping no longer bounds them")
+    return problems
 
 
 def unet_plan(
