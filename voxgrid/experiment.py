@@ -98,13 +98,16 @@ class Experiment:
             FedAvgDice, FedProx, FedBN, FedAdam, FedYogi) and one dataset per node.
         threshold: fewest nodes that must stay to the end of a secure round for the sum to be
             recovered (default: a majority, at least 2); more dropouts fail the round cleanly.
+        secure_neighbours: SecAgg+ (Bell et al. 2020): each node masks with and shares its secrets
+            among only this many others (an even number) instead of all, for large federations;
+            the threshold then applies to each node's group. None: every pair (Bonawitz et al.).
     """
 
     def __init__(self, plan: Plan, pointers: list[DatasetPointer], *, strategy: Strategy | None = None,
                  rounds: int = 3, min_nodes: int | None = None, job_timeout: float = 600.0, evaluate: bool = True,
                  checkpoint_dir: str | Path | None = None, name: str | None = None, seed: int = 0,
                  initial: StateDict | None = None, select: bool = False, secure_aggregation: bool = False,
-                 threshold: int | None = None):
+                 threshold: int | None = None, secure_neighbours: int | None = None):
         if not pointers:
             raise ValueError("an experiment needs at least one dataset pointer (grid.search returned none?)")
         self.strategy = strategy if strategy is not None else FedAvg()
@@ -120,7 +123,9 @@ class Experiment:
             raise ValueError("plan.privacy: a distributed 'gaussian_update' adds only a share of the noise at each "
                              "node, so it needs secure_aggregation=True")
         self.secure_aggregation = secure_aggregation
-        self.threshold = check_secure(self.strategy, self.pointers, threshold) if secure_aggregation else None
+        self.secure_neighbours = secure_neighbours
+        self.threshold = (check_secure(self.strategy, self.pointers, threshold, secure_neighbours)
+                          if secure_aggregation else None)
         self.job_timeout = job_timeout
         self.evaluate = evaluate
         self.seed = seed
@@ -218,7 +223,8 @@ class Experiment:
                                                                 for p in self.pointers))
         config = SecAggConfig(experiment_id=self.experiment_id, round=rnd,
                               nodes=tuple(sorted(p.node for p in self.pointers)), threshold=self.threshold,
-                              clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=SECURE_BITS)
+                              clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=SECURE_BITS,
+                              neighbours=self.secure_neighbours)
         out = secure_round(config=config, weight=weight, pointers=self.pointers, like=self.global_weights,
                            submit=lambda p, secure: self._submit(p, self._job(p, rnd, wid, "train", secure=secure),
                                                                  blob),
@@ -384,6 +390,7 @@ class Experiment:
                 "plan_hash": self.plan.content_hash, "strategy": self.strategy.config(),
                 "sites": [{"node": p.node, "url": p.url, "dataset": p.name} for p in self.pointers],
                 "secure_aggregation": self.secure_aggregation, "threshold": self.threshold,
+                "secure_neighbours": self.secure_neighbours,
                 "rounds": [r.to_dict() for r in self.history]}
 
     # checkpoints -------------------------------------------------------------------------------
@@ -426,7 +433,8 @@ class Experiment:
         exp = cls(plan, pointers, strategy=strategy, rounds=state["target_rounds"], min_nodes=state["min_nodes"],
                   job_timeout=state["job_timeout"], evaluate=state["evaluate"], checkpoint_dir=folder,
                   seed=state["seed"], initial=weights, select=state.get("select", False),
-                  secure_aggregation=state.get("secure_aggregation", False), threshold=state.get("threshold"))
+                  secure_aggregation=state.get("secure_aggregation", False), threshold=state.get("threshold"),
+                  secure_neighbours=state.get("secure_neighbours"))
         exp.experiment_id = state["experiment_id"]
         if exp.selection:
             exp.selection = ModelSelection(exp.plan, exp.experiment_id)

@@ -35,8 +35,10 @@ CLIP = 100.0
 BITS = 32
 
 
-def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | None) -> int:
-    """Refuse what secure aggregation cannot do; returns the threshold (default: a majority, at least 2)."""
+def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | None,
+                 neighbours: int | None = None) -> int:
+    """Refuse what secure aggregation cannot do; returns the threshold (default: a majority of each
+    node's group, at least 2). ``neighbours``: SecAgg+ graph degree (even), None for the complete graph."""
     if strategy.secure_weight is None:
         raise ValueError(f"strategy {strategy.name!r} cannot run with secure aggregation: {strategy.secure_refusal}")
     nodes = [p.node for p in pointers]
@@ -46,11 +48,11 @@ def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | 
     if twice:
         raise ValueError(f"secure aggregation takes one dataset per node (a node is one party of the sum); "
                          f"{twice} appear more than once")
-    t = SecAggConfig.default_threshold(len(nodes)) if threshold is None else threshold
-    try:  # the protocol's own rule: 2 <= t <= n and t > n / 2
-        SecAggConfig(experiment_id="check", round=0, nodes=tuple(nodes), threshold=t)
+    t = SecAggConfig.default_threshold(len(nodes), neighbours) if threshold is None else threshold
+    try:  # the protocol's own rules: 2 <= t <= group size and t > group size / 2; an even degree
+        SecAggConfig(experiment_id="check", round=0, nodes=tuple(nodes), threshold=t, neighbours=neighbours)
     except SecAggError as exc:
-        raise ValueError(f"threshold={threshold}: {exc}") from None
+        raise ValueError(f"threshold={threshold}, neighbours={neighbours}: {exc}") from None
     return t
 
 
