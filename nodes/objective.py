@@ -104,11 +104,15 @@ def soft_dice(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int]
 
 
 class DynamicTaskPriority:
-    """DTP's moving averages and weights over a site's tasks (its annotated classes), for one job."""
+    """DTP's moving averages and weights over a site's tasks (its annotated classes).
 
-    def __init__(self, spec: TaskPriority, tasks: Sequence[int]):
+    ``kbar``: the averages carried from the site's earlier rounds (updated in place), as the study's
+    clients kept them through training; None starts afresh.
+    """
+
+    def __init__(self, spec: TaskPriority, tasks: Sequence[int], kbar: dict[int, float] | None = None):
         self.spec, self.tasks = spec, sorted(tasks)
-        self.kbar: dict[int, float] = {}
+        self.kbar: dict[int, float] = {} if kbar is None else kbar
 
     def observe(self, dice: dict[int, float | None]) -> None:
         """Fold one batch's Dice per task into the moving averages (None: task absent, unchanged)."""
@@ -147,7 +151,8 @@ class LocalObjective:
     Build it after loading the global weights into ``net``: they become FedProx's anchor.
     """
 
-    def __init__(self, plan: Plan, present: set[int], net: torch.nn.Module):
+    def __init__(self, plan: Plan, present: set[int], net: torch.nn.Module,
+                 dtp_state: dict[int, float] | None = None):
         if not present:
             raise ValueError(f"this dataset annotates none of the plan's classes {plan.labels[1:]}; "
                              "nothing to train on")
@@ -157,7 +162,7 @@ class LocalObjective:
         self.loss_fn = build_loss(plan, classes=[0, *self.present] if partial else None)
         self.mu = plan.local.proximal_mu
         # DTP with DP-SGD is refused when the plan is made (voxgrid.plan.dp_sgd_problems).
-        self.dtp = DynamicTaskPriority(plan.local.dtp, self.present) if plan.local.dtp else None
+        self.dtp = DynamicTaskPriority(plan.local.dtp, self.present, dtp_state) if plan.local.dtp else None
         # one loss per task, over its 2 channels (background-or-other, the class)
         self.task_losses = {c: build_loss(plan, classes=[0, c]) for c in self.present} if self.dtp else {}
         self.params = [p for p in net.parameters() if p.requires_grad]

@@ -122,11 +122,12 @@ class Trainer:
         return net
 
     def train(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int,
-              present: set[int]) -> tuple[float, int]:
+              present: set[int], dtp_state: dict[int, float] | None = None) -> tuple[float, int]:
         """Local epochs of patch training from the weights in ``net``; returns (mean loss, optimiser steps).
 
         ``present``: the plan classes this site annotates; the loss ignores the others (see
         :mod:`.objective`). The reported loss is the data loss, without FedProx's proximal term.
+        ``dtp_state``: DTP's moving averages from the site's earlier rounds, updated in place.
         """
         if not data:
             raise ValueError("the dataset's train split is empty")
@@ -145,7 +146,7 @@ class Trainer:
             *build_transforms(plan.augmentation),
         ])
         crop.set_random_state(seed=seed)
-        objective = LocalObjective(plan, present, net)
+        objective = LocalObjective(plan, present, net, dtp_state)
         opt = build_optimizer(plan, net.parameters())
         amp = plan.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -270,6 +271,22 @@ class Trainer:
         return out
 
 
+#: Where DTP's moving averages rest between rounds, beside the site-kept tensors (never sent).
+DTP_KEY = "dtp.kbar"
+
+
+def _kbar_tensor(kbar: dict[int, float], n_classes: int) -> torch.Tensor:
+    """DTP's averages as a tensor indexed by class (NaN: not measured yet)."""
+    t = torch.full((n_classes,), float("nan"), dtype=torch.float64)
+    for c, k in kbar.items():
+        t[c] = k
+    return t
+
+
+def _kbar_from(t: torch.Tensor | None) -> dict[int, float]:
+    return {} if t is None else {c: float(k) for c, k in enumerate(t.tolist()) if not math.isnan(k)}
+
+
 def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights: StateDict, *,
             split: str, evaluate: bool, seed: int, local_state: LocalState | None = None,
             job_key: tuple[str, str, int] | None = None) -> tuple[Metrics, StateDict | None]:
@@ -278,29 +295,34 @@ def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights
     With ``plan.local.keep_local`` (FedBN), the site's own copy of those tensors replaces the
     global ones (from ``local_state`` under ``job_key`` = (experiment, dataset, round)), a train
     job stores the trained copy there, and their delta is zero: they never leave the node.
+    With ``plan.local.dtp`` a train job carries DTP's moving averages there from round to round.
     """
     t0 = time.perf_counter()
     keep = local_keys(plan) if plan.local.keep_local else set()
-    if keep:
-        if local_state is None or job_key is None:
-            raise ValueError("the plan keeps tensors at the site (plan.local.keep_local) but this node has no local state")
-        own = local_state.get(*job_key, inclusive=kind != "train")
-        if own is not None:
-            weights = {**weights, **{k: own[k] for k in keep}}
+    if keep and (local_state is None or job_key is None):
+        raise ValueError("the plan keeps tensors at the site (plan.local.keep_local) but this node has no local state")
+    carry_dtp = plan.local.dtp is not None and kind == "train" and local_state is not None and job_key is not None
+    own = local_state.get(*job_key, inclusive=kind != "train") if keep or carry_dtp else None
+    if keep and own is not None:
+        weights = {**weights, **{k: own[k] for k in keep}}
+    dtp_state = _kbar_from(own.get(DTP_KEY) if own else None) if carry_dtp else None
     net = trainer.network(plan, weights)
     loss, steps, delta, samples = None, 0, None, len(data.splits["train"])
     if kind == "train":
         frozen = freeze_except(net, plan.local.train_only)  # plan.local.train_only: e.g. fine-tune the head only
         try:
-            loss, steps = trainer.train(plan, net, data.splits["train"], seed, data.present)
+            loss, steps = trainer.train(plan, net, data.splits["train"], seed, data.present, dtp_state)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
         trained = net.state_dict()
         delta = {k: (torch.zeros(weights[k].shape) if k in keep else trained[k].detach().float().cpu() - weights[k].float())
                  for k in weights}
-        if keep:
-            local_state.put(*job_key, {k: trained[k] for k in keep})
+        kept = {k: trained[k] for k in keep}
+        if carry_dtp:
+            kept[DTP_KEY] = _kbar_tensor(dtp_state, len(plan.labels))
+        if kept:
+            local_state.put(*job_key, kept)
         score_split = "val" if evaluate else None
     else:
         score_split = split

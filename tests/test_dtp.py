@@ -12,7 +12,8 @@ from monai.losses import DiceCELoss
 
 import voxgrid
 from voxgrid.nodes.objective import DynamicTaskPriority, LocalObjective, dtp_weight, soft_dice
-from voxgrid.nodes.training import PreparedData, Trainer, run_job
+from voxgrid.nodes.local_state import LocalState
+from voxgrid.nodes.training import DTP_KEY, PreparedData, Trainer, run_job
 from voxgrid.plan import PlanError, TaskPriority, build_network
 from cubes import cube_volume  # test support: tests/cubes.py
 
@@ -128,8 +129,6 @@ def test_dtp_is_refused_with_dp_sgd():
     assert LocalObjective(gauss, {1, 2}, build_network(gauss)).dtp is not None
 
 
-
-
 def test_a_node_trains_with_dtp():
     plan = voxgrid.unet_plan(LABELS, **TINY, local_epochs=1, samples_per_volume=1).with_local(
         dtp={"gamma": 2.0, "alpha": 0.5, "r": 1.0})
@@ -138,3 +137,22 @@ def test_a_node_trains_with_dtp():
                        split="val", evaluate=True, seed=0)
     assert m.loss is not None and math.isfinite(m.loss) and m.steps == 1
     assert any(torch.count_nonzero(v) for v in delta.values())
+
+
+def test_dtp_moving_averages_carry_over_to_the_sites_next_round(tmp_path):
+    # alpha tiny: the average barely moves within a job, so what round 1 ends with is what it started from
+    plan = voxgrid.unet_plan(LABELS, **TINY, local_epochs=1, samples_per_volume=1).with_local(
+        dtp={"gamma": 2.0, "alpha": 1e-6, "r": 1.0})
+    data = PreparedData({"train": [cube_volume(0), cube_volume(1)], "val": [], "test": []}, {1})
+    state, trainer = LocalState(tmp_path), Trainer(torch.device("cpu"))
+    weights = voxgrid.plan.initial_weights(plan)
+    run_job(trainer, plan, "train", data, weights, split="val", evaluate=False, seed=0, local_state=state,
+            job_key=("exp", "ct", 0))
+    first = state.get("exp", "ct", 0, inclusive=True)[DTP_KEY]
+    assert 0 < first[1] < 1 and math.isnan(first[2])  # measured for the annotated class only
+    state.put("exp", "ct", 0, {DTP_KEY: torch.tensor([math.nan, 0.999, math.nan], dtype=torch.float64)})
+    _, delta = run_job(trainer, plan, "train", data, weights, split="val", evaluate=False, seed=1,
+                       local_state=state, job_key=("exp", "ct", 1))
+    carried = state.get("exp", "ct", 1, inclusive=True)[DTP_KEY]
+    assert carried[1] == pytest.approx(0.999, abs=1e-5)  # started from round 0's average, not afresh
+    assert DTP_KEY not in delta and set(delta) == set(weights)  # the averages stay at the site
