@@ -17,3 +17,12 @@ def federation(tmp_path_factory):
     fed.start()
     yield fed
     fed.stop()
+
+
+
+@pytest.fixture(scope="session")
+def node_identities(tmp_path_factory):
+    """Seven node identities (site-a ... site-g) issued by one throwaway federation CA."""
+    from identities import issue_identities
+
+    return issue_identities(tmp_path_factory.mktemp("identities"), [f"site-{c}" for c in "abcdefg"])

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from monai.data import MetaTensor
 
 import voxgrid
 from voxgrid.nodes.local_state import LocalState
@@ -20,6 +19,7 @@ from voxgrid.selection import ModelSelection
 from voxgrid.strategies import ClientUpdate
 from voxgrid.tensors import digest, dumps, loads
 from voxgrid.wire import DatasetInfo, JobStatus, Metrics, WeightsRef
+from cubes import cube_volume  # test support: tests/cubes.py
 
 LABELS = ["background", "pancreas", "tumor"]
 TINY = dict(channels=(4, 8), strides=(2,), num_res_units=0, patch_size=(16, 16, 16), amp=False)
@@ -79,19 +79,11 @@ def test_local_state_latest_round_before_or_at_and_durable(tmp_path):
         st.put("../x", "site-a", 0, {})
 
 
-def _volume(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    image = 0.1 * torch.randn(1, 16, 16, 16, generator=g)
-    label = torch.zeros(1, 16, 16, 16)
-    image[:, 4:10, 4:10, 4:10] += 1.0
-    label[:, 4:10, 4:10, 4:10] = 1.0
-    return {"image": MetaTensor(image), "label": MetaTensor(label)}
-
 
 def test_node_keeps_its_normalisation_state_and_releases_a_zero_delta_for_it():
     plan = voxgrid.FedBN().configure_plan(_bn_plan(local_epochs=1, samples_per_volume=1))
     bn = local_keys(plan)
-    data = PreparedData({"train": [_volume(0), _volume(1)], "val": [_volume(2)], "test": [_volume(3)]}, {1})
+    data = PreparedData({"train": [cube_volume(0), cube_volume(1)], "val": [cube_volume(2)], "test": [cube_volume(3)]}, {1})
     trainer, store, g = Trainer(torch.device("cpu")), LocalState(), initial_weights(plan)
     _, delta = run_job(trainer, plan, "train", data, g, split="val", evaluate=False, seed=0, local_state=store,
                        job_key=("fedbn-1", "site-a", 0))

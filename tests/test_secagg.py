@@ -7,27 +7,20 @@ import json
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from voxgrid.pki import create_ca, issue_certificate
 from voxgrid.privacy.secagg import (AdvertisedKeys, EncryptedShare, RevealRequest, SecAggClient, SecAggConfig,
                                     SecAggError, SecAggServer, pack_words, unpack_words)
 from voxgrid.privacy.secagg import masks
 
+from identities import issue_identities  # test support: tests/identities.py
+
 NAMES = [f"site-{c}" for c in "abcdefg"]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A throwaway federation CA and one certificate per node name: {name: (key, cert_pem)}, ca_pem."""
-    root = tmp_path_factory.mktemp("secagg-pki")
-    ca = create_ca(root / "ca")
-    ids = {}
-    for name in NAMES:
-        paths = issue_certificate(ca, root / "nodes", name, ["localhost"])
-        key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
-        ids[name] = (key, paths.cert.read_bytes())
-    return ids, ca.cert.read_bytes()
+@pytest.fixture
+def pki(node_identities):
+    """({name: (key, cert_pem)}, ca_pem) for NAMES, from one federation CA (tests/conftest.py)."""
+    return node_identities
 
 
 def clients_for(config, pki):
@@ -35,18 +28,25 @@ def clients_for(config, pki):
     return {n: SecAggClient(config, n, ids[n][0], ids[n][1], ca_pem) for n in config.nodes}
 
 
-def run_round(config, pki, vectors, weights, *, drop_before_keys=(), drop_before_shares=(), drop_before_mask=(),
-              drop_before_reveal=()):
-    """One round through the aggregator; returns (sum, total weight, server, clients)."""
+def keyed_round(config, pki, skip_keys=(), skip_shares=()):
+    """Clients and an aggregator after the key and share phases (nodes in ``skip_*`` dropped there)."""
     clients = clients_for(config, pki)
     server = SecAggServer(config, ca_pem=pki[1])
     for n, c in clients.items():
-        if n not in drop_before_keys:
+        if n not in skip_keys:
             server.add_keys(c.advertise())
     roster = server.roster()
     for n, c in clients.items():
-        if n not in (*drop_before_keys, *drop_before_shares):
+        if n not in skip_shares:
             server.route(c.share_keys(roster))
+    return clients, server
+
+
+def run_round(config, pki, vectors, weights, *, drop_before_keys=(), drop_before_shares=(), drop_before_mask=(),
+              drop_before_reveal=()):
+    """One round through the aggregator; returns (sum, total weight, server, clients)."""
+    clients, server = keyed_round(config, pki, skip_keys=drop_before_keys,
+                                  skip_shares=(*drop_before_keys, *drop_before_shares))
     inboxes = server.inboxes()
     for n, c in clients.items():
         if n not in (*drop_before_keys, *drop_before_shares, *drop_before_mask):
@@ -100,13 +100,7 @@ def test_weights_aggregate_to_the_total_and_give_the_weighted_mean(pki):
 def test_one_masked_update_looks_uniform_but_the_quantised_update_does_not(pki):
     config = SecAggConfig("exp-u", 1, tuple(NAMES[:3]), threshold=2)
     vectors = {n: np.linspace(-0.01, 0.01, 20000, dtype=np.float32) for n in config.nodes}
-    clients = clients_for(config, pki)
-    server = SecAggServer(config)
-    for c in clients.values():
-        server.add_keys(c.advertise())
-    roster = server.roster()
-    for c in clients.values():
-        server.route(c.share_keys(roster))
+    clients, server = keyed_round(config, pki)
     words = clients[NAMES[0]].mask(vectors[NAMES[0]], 1.0, server.inboxes()[NAMES[0]])
 
     def chi_square_of_bytes(w):
@@ -184,13 +178,7 @@ def test_more_than_n_minus_t_dropouts_fail_cleanly_and_release_nothing(pki):
 def test_a_failed_unmask_releases_nothing_and_a_late_input_is_refused(pki):
     config = SecAggConfig("exp-f2", 0, tuple(NAMES[:3]), threshold=2)
     vectors, weights = make_inputs(config, size=100)
-    clients = clients_for(config, pki)
-    server = SecAggServer(config)
-    for c in clients.values():
-        server.add_keys(c.advertise())
-    roster = server.roster()
-    for c in clients.values():
-        server.route(c.share_keys(roster))
+    clients, server = keyed_round(config, pki)
     inboxes = server.inboxes()
     for n in NAMES[:2]:
         server.add_masked(n, clients[n].mask(vectors[n], weights[n], inboxes[n]))
@@ -240,7 +228,7 @@ def test_duplicated_key_is_refused(pki):
         clients[NAMES[2]].share_keys([keys[NAMES[0]], copied, keys[NAMES[2]]])
 
 
-def test_resigned_or_swapped_keys_are_refused(pki):
+def test_resigned_or_swapped_keys_are_refused(pki, tmp_path):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -266,10 +254,9 @@ def test_resigned_or_swapped_keys_are_refused(pki):
         hashes.SHA256()))).decode()})
     with pytest.raises(SecAggError, match=r"site-b"):
         SecAggServer(config, ca_pem=pki[1]).add_keys(forged)
-    other_ca = create_ca(pki_dir := __import__("tempfile").mkdtemp())
-    foreign = issue_certificate(other_ca, pki_dir, victim, ["localhost"])
-    foreign_key = serialization.load_pem_private_key(foreign.key.read_bytes(), password=None)
-    fake = sign_keys(foreign_key, foreign.cert.read_bytes(), "exp-s", 0, victim, own,
+    foreign_ids, _ = issue_identities(tmp_path, [victim])  # a CA of its own, not the federation's
+    foreign_key, foreign_cert = foreign_ids[victim]
+    fake = sign_keys(foreign_key, foreign_cert, "exp-s", 0, victim, own,
                      X25519PrivateKey.generate().public_key().public_bytes_raw())
     with pytest.raises(SecAggError, match=r"site-b.*not issued by the federation CA"):
         clients[me].share_keys([keys[me], fake, keys[relay]])

@@ -13,15 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from cryptography.hazmat.primitives import serialization
 
 from voxgrid.client import Unreachable
-from voxgrid.pki import create_ca, issue_certificate
 from voxgrid.privacy.secagg import SecAggClient, SecAggConfig, pack_words
 from voxgrid.secure import check_secure, secure_round
 from voxgrid.strategies import FedAvg
 
-NAMES = [f"node-{c}" for c in "abcdefg"]
+NAMES = [f"site-{c}" for c in "abcdefg"]  # the node_identities fixture (tests/conftest.py)
 
 
 class PartyClient:
@@ -60,25 +58,13 @@ class Party:
     client: PartyClient
 
 
-@pytest.fixture(scope="module")
-def identities(tmp_path_factory):
-    root = tmp_path_factory.mktemp("secure-round-pki")
-    ca = create_ca(root / "ca")
-    out = {}
-    for name in NAMES:
-        paths = issue_certificate(ca, root / "nodes", name, ["localhost"])
-        out[name] = (serialization.load_pem_private_key(paths.key.read_bytes(), password=None),
-                     paths.cert.read_bytes())
-    return out, ca.cert.read_bytes()
-
-
-def test_a_secagg_plus_round_with_dropouts_recovers_the_survivors_weighted_mean(identities):
-    ids, ca = identities
+def test_a_secagg_plus_round_with_dropouts_recovers_the_survivors_weighted_mean(node_identities):
+    ids, ca = node_identities
     rng = np.random.default_rng(0)
     like = {"w": torch.zeros(3, 5), "b": torch.zeros(4)}
     vectors = {n: rng.uniform(-0.05, 0.05, 19).astype(np.float32) for n in NAMES}
     weights = {n: float(i + 1) for i, n in enumerate(NAMES)}
-    fail = {"node-b": "masked", "node-e": "reveal"}  # b drops before its masked update, e after sending it
+    fail = {"site-b": "masked", "site-e": "reveal"}  # b drops before its masked update, e after sending it
     parties = [Party(n, f"ds-{n}", PartyClient(n, *ids[n], ca, vectors[n], weights[n], fail.get(n))) for n in NAMES]
     t = check_secure(FedAvg(), parties, None, neighbours=4)
     assert t == 3  # a majority of each node's group of 5
@@ -89,16 +75,16 @@ def test_a_secagg_plus_round_with_dropouts_recovers_the_survivors_weighted_mean(
                        submit=lambda p, secure: p.node,
                        wait=lambda p, ticket: SimpleNamespace(job_id=f"job-{ticket}"))
     assert out.error is None, out.error
-    summed = [n for n in NAMES if n != "node-b"]  # e's masked update is in the sum, though it then failed
+    summed = [n for n in NAMES if n != "site-b"]  # e's masked update is in the sum, though it then failed
     assert [err is None for _, err in out.outcomes] == [n in summed for n in NAMES]
-    assert "masked" in out.dropped["node-b"] and "reveal" in out.dropped["node-e"]
+    assert "masked" in out.dropped["site-b"] and "reveal" in out.dropped["site-e"]
     expected = sum(weights[n] * vectors[n].astype(np.float64) for n in summed) / sum(weights[n] for n in summed)
     got = np.concatenate([out.mean_delta[k].reshape(-1).numpy() for k in sorted(like)])
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert set(out.timings) >= {"submit", "keys", "shares", "train", "reveal", "unmask"}
 
 
-def test_secure_aggregation_settings_are_checked_before_anything_runs(identities):
+def test_secure_aggregation_settings_are_checked_before_anything_runs(node_identities):
     parties = [Party(n, f"ds-{n}", None) for n in NAMES]
     with pytest.raises(ValueError, match="neighbours=3"):
         check_secure(FedAvg(), parties, None, neighbours=3)  # the graph's degree must be even

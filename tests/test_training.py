@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from monai.data import MetaTensor
 
 import voxgrid
 from voxgrid.nodes.objective import LocalObjective, proximal_term, restrict_to_annotated
 from voxgrid.nodes.training import Trainer
 from voxgrid.plan import build_loss, build_network
+from cubes import cube_volume  # test support: tests/cubes.py
 
 LABELS = ["background", "pancreas", "tumor"]
 TINY = dict(channels=(4, 8), strides=(2,), num_res_units=0, patch_size=(16, 16, 16), amp=False)
@@ -37,22 +37,13 @@ def test_proximal_term_is_zero_at_the_global_weights_and_grows_as_mu_half_square
     assert LocalObjective(_plan(), {1, 2}, net).proximal() is None  # mu = 0: no term
 
 
-def _volume(seed: int) -> dict:
-    """A 16^3 volume: a bright cube labelled pancreas (1) on a dark background (0)."""
-    g = torch.Generator().manual_seed(seed)
-    image = 0.1 * torch.randn(1, 16, 16, 16, generator=g)
-    label = torch.zeros(1, 16, 16, 16)
-    image[:, 4:10, 4:10, 4:10] += 1.0
-    label[:, 4:10, 4:10, 4:10] = 1.0
-    return {"image": MetaTensor(image), "label": MetaTensor(label)}
-
 
 def _distance(net, start):
     return sum(float((p.detach() - start[k]).pow(2).sum()) for k, p in net.named_parameters())
 
 
 def test_trainer_with_proximal_term_stays_closer_to_the_global_weights():
-    data = [_volume(0), _volume(1)]
+    data = [cube_volume(0), cube_volume(1)]
     dist = {}
     for mu in (0.0, 50.0):
         plan = _plan(local={"proximal_mu": mu}, local_epochs=2, samples_per_volume=1, lr=1e-2)
