@@ -255,10 +255,7 @@ class NodeService:
             self.store.audit(caller.name, "job.refused", f"privacy spec refused: {exc}")
             raise Invalid(f"privacy spec refused by node {self.config.name!r}: {exc}") from exc
         if req.kind == "train":
-            self._check_secure(caller, req)
-            if req.secure is None and spec is not None and spec.gaussian is not None and spec.gaussian.distributed:
-                raise Invalid("plan.privacy: a distributed 'gaussian_update' adds only a share of the noise at "
-                              "each node, so it needs secure aggregation (Experiment(secure_aggregation=True))")
+            self._check_secure(caller, req, spec)
         if req.weights_id not in self._weights and not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
             raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
         split = "train" if req.kind == "train" else req.split
@@ -289,9 +286,13 @@ class NodeService:
         self._dispatch(job.job_id, req)
         return job.status(False)
 
-    def _check_secure(self, caller: Caller, req: JobRequest) -> None:
-        """A train job of an experiment that asked for secure aggregation must ask for it too."""
+    def _check_secure(self, caller: Caller, req: JobRequest, spec: PrivacySpec | None) -> None:
+        """A train job of an experiment that asked for secure aggregation must ask for it too, and so
+        must one whose noise is distributed (each node adds only its share)."""
         if req.secure is None:
+            if spec is not None and spec.gaussian is not None and spec.gaussian.distributed:
+                raise Invalid("plan.privacy: a distributed 'gaussian_update' adds only a share of the noise at "
+                              "each node, so it needs secure aggregation (Experiment(secure_aggregation=True))")
             if self.store.experiment_is_secure(caller.name, req.experiment_id):
                 self.store.audit(caller.name, "job.refused", f"unmasked job in secure experiment {req.experiment_id}")
                 raise Forbidden(f"experiment {req.experiment_id!r} asked for secure aggregation: node "

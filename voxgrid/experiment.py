@@ -23,10 +23,7 @@ from voxgrid.selection import ModelSelection, mean_score
 from voxgrid.strategies import ClientUpdate, FedAvg, Strategy, StrategyState, from_config
 from voxgrid.tensors import StateDict
 from voxgrid.privacy import PrivacySpec
-from voxgrid.privacy.secagg import SecAggConfig
-from voxgrid.secure import BITS as SECURE_BITS
-from voxgrid.secure import CLIP as SECURE_CLIP
-from voxgrid.secure import check_secure, secure_round
+from voxgrid.secure import check_secure, round_config, secure_round
 from voxgrid.wire import NAME_RE, JobRequest, JobStatus, SecureAggregation
 
 
@@ -67,6 +64,11 @@ class RoundResult:
     def overhead_s(self) -> float:
         """Everything but local training compute: scheduling, serialisation, transfer, aggregation."""
         return self.train_wall_s - self.compute_s
+
+    @property
+    def mean_test_dice(self) -> float:
+        """Mean over the answering sites and their annotated classes of the global model's test Dice (NaN if none)."""
+        return _mean_dice([s.test_dice for s in self.sites if s.ok])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -157,8 +159,7 @@ class Experiment:
                 result = self.run_round()
                 if bar is not None:
                     bar.update(1)
-                    dice = [s.test_dice for s in result.sites if s.ok]
-                    bar.set_postfix_str(f"mean test Dice {_mean_dice(dice):.3f}" if dice and self.evaluate else "")
+                    bar.set_postfix_str(f"mean test Dice {result.mean_test_dice:.3f}" if self.evaluate else "")
                 if on_round:
                     on_round(self, result)
         finally:
@@ -169,7 +170,7 @@ class Experiment:
     def run_round(self) -> RoundResult:
         rnd = len(self.history)
         t0 = time.perf_counter()
-        outcomes = self._secure_round(rnd) if self.secure_aggregation else self._plain_round(rnd)
+        outcomes, secure_s = self._secure_round(rnd) if self.secure_aggregation else (self._plain_round(rnd), {})
         train_wall = time.perf_counter() - t0
         sites = []
         for p, (st, err) in zip(self.pointers, outcomes):
@@ -187,7 +188,7 @@ class Experiment:
             self._select(rnd, sites)
         result = RoundResult(round=rnd, sites=sites, wall_s=time.perf_counter() - t0, compute_s=compute,
                              train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1,
-                             secure_s=self._secure_timings if self.secure_aggregation else {})
+                             secure_s=secure_s)
         self.history.append(result)
         if self.checkpoint_dir:
             self.save_checkpoint(self.checkpoint_dir)
@@ -215,24 +216,19 @@ class Experiment:
             self.selection.observe_local(rnd, start, updates)
         return outcomes
 
-    def _secure_round(self, rnd: int) -> list[tuple[JobStatus | None, str | None]]:
-        """Only the masked updates' weighted sum is recovered (:mod:`voxgrid.secure`)."""
+    def _secure_round(self, rnd: int) -> tuple[list[tuple[JobStatus | None, str | None]], dict[str, float]]:
+        """Only the masked updates' weighted sum is recovered (:mod:`voxgrid.secure`); also returns
+        the seconds each step took."""
         blob, wid = self._global_blob()
         weight = self.strategy.secure_weight
-        max_weight = 1.0 if weight == "val_dice" else float(max(p.info.splits.get("train", p.info.volumes)
-                                                                for p in self.pointers))
-        config = SecAggConfig(experiment_id=self.experiment_id, round=rnd,
-                              nodes=tuple(sorted(p.node for p in self.pointers)), threshold=self.threshold,
-                              clip=SECURE_CLIP, max_weight=max(max_weight, 1.0), bits=SECURE_BITS,
-                              neighbours=self.secure_neighbours)
+        config = round_config(self.experiment_id, rnd, self.pointers, weight, self.threshold, self.secure_neighbours)
         out = secure_round(config=config, weight=weight, pointers=self.pointers, like=self.global_weights,
                            submit=lambda p, secure: self._submit(p, self._job(p, rnd, wid, "train", secure=secure),
                                                                  blob),
                            wait=self._wait)
-        self._secure_timings = out.timings
         self._check_answered(rnd, out.outcomes, extra=f"; {out.error}" if out.error else "")
         self.global_weights = self.strategy.apply_mean(self.global_weights, out.mean_delta)
-        return out.outcomes
+        return out.outcomes, out.timings
 
     def _job(self, p: DatasetPointer, rnd: int, weights_id: str, kind: str, split: str = "val",
              secure: SecureAggregation | None = None) -> JobRequest:

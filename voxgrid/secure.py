@@ -56,6 +56,17 @@ def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | 
     return t
 
 
+def round_config(experiment_id: str, rnd: int, pointers: Sequence[DatasetPointer], weight: str, threshold: int,
+                 neighbours: int | None = None) -> SecAggConfig:
+    """The round's protocol parameters; ``max_weight`` bounds what any node may weigh its update by
+    (the largest published train split for ``"samples"``, 1 for a Dice)."""
+    max_weight = 1.0 if weight == "val_dice" else float(max(p.info.splits.get("train", p.info.volumes)
+                                                            for p in pointers))
+    return SecAggConfig(experiment_id=experiment_id, round=rnd, nodes=tuple(p.node for p in pointers),
+                        threshold=threshold, clip=CLIP, max_weight=max(max_weight, 1.0), bits=BITS,
+                        neighbours=neighbours)
+
+
 @dataclass
 class SecureOutcome:
     """What a secure round gives the experiment: per pointer (status, error), and the mean delta."""
