@@ -172,7 +172,9 @@ def _privacy_report(args) -> None:
 def _cache(args) -> None:
     from .prepcache import PrepCache
 
-    cache = PrepCache.of_home(Home(args.home, "node").path)
+    home = Home(args.home, "node")
+    home.load()  # a clear error for a folder that is not a node home
+    cache = PrepCache(home.cache / "prepared")
     if args.cache_cmd == "clear":
         print(f"removed {cache.clear()} preprocessed volume(s) from {cache.root}")
     else:

@@ -109,6 +109,8 @@ def add_demo_parser(sub) -> None:
     def run(args):
         if args.sites < 1 or args.rounds < 1 or args.size < 16 or args.volumes < 3:
             raise ValueError("need --sites >= 1, --rounds >= 1, --size >= 16 and --volumes >= 3")
+        if args.dp_noise is not None and not args.dp_noise > 0:
+            raise ValueError(f"--dp-noise must be a positive noise multiplier, got {args.dp_noise}")
         run_demo(args.out, sites=args.sites, rounds=args.rounds, size=args.size, volumes=args.volumes,
                  local_epochs=args.local_epochs, fmt=args.fmt, threads=args.threads, seed=args.seed,
                  secure=args.secure, dp_noise=args.dp_noise)

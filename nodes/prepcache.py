@@ -98,11 +98,6 @@ class PrepCache:
         self.root = Path(root)
         self.hits = self.misses = self.rebuilt = 0
 
-    @classmethod
-    def of_home(cls, home_path: str | os.PathLike) -> PrepCache:
-        """The cache of the node whose home folder is ``home_path`` (``HOME/cache/prepared``)."""
-        return cls(Path(home_path) / "cache" / "prepared")
-
     def path(self, key: str) -> Path:
         return self.root / f"{key}{_SUFFIX}"
 

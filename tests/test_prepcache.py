@@ -5,7 +5,10 @@ import pytest
 import torch
 from voxgrid.datasets import write_dicom_series, write_nifti
 from voxgrid.nodes import training
+from voxgrid.nodes import admin
+from voxgrid.nodes.home import Home
 from voxgrid.nodes.prepcache import PrepCache
+from voxgrid.pki import create_ca, issue_certificate
 
 import voxgrid
 from voxgrid.cli import main as cli_main
@@ -144,8 +147,11 @@ def test_a_cache_that_cannot_be_written_only_costs_speed(tmp_path, volumes):
 
 
 def test_owner_cli_shows_and_clears_the_cache(tmp_path, volumes, capsys):
+    ca = create_ca(tmp_path / "ca")
+    cert = issue_certificate(ca, tmp_path / "certs", "n", ["127.0.0.1"])
     home = tmp_path / "home"
-    cache = PrepCache.of_home(home)
+    admin.init_home("node", home, "n", ca_cert=ca.cert, cert=cert.cert, key=cert.key)
+    cache = PrepCache(Home(home).cache / "prepared")
     training.prepare(volumes, SITE_LABELS, _plan(), cache=cache)
     assert cli_main(["node", "cache", "info", "--home", str(home)]) in (0, None)
     out = capsys.readouterr().out
@@ -153,6 +159,8 @@ def test_owner_cli_shows_and_clears_the_cache(tmp_path, volumes, capsys):
     assert cli_main(["node", "cache", "clear", "--home", str(home)]) in (0, None)
     assert "removed 2 preprocessed volume(s)" in capsys.readouterr().out
     assert cache.entries() == [] and cache.info()["bytes"] == 0
+    assert cli_main(["node", "cache", "info", "--home", str(tmp_path / "nowhere")]) == 2
+    assert "no node home at" in capsys.readouterr().err
 
 
 def test_a_slice_ordered_dicom_volume_is_stored_without_a_transposing_copy(tmp_path, volumes):
