@@ -44,6 +44,49 @@ def set_data_roots(path: Path, roots: list[Path]) -> list[str]:
     return cfg.data_roots
 
 
+def set_limits(path: Path, **changes) -> dict:
+    """Change a node's job limits (:class:`~.limits.JobLimits`; a value of None returns that limit to
+    its default). Restart a running node to apply them. Returns every limit, defaults included."""
+    from .limits import JobLimits
+
+    unknown = set(changes) - set(JobLimits.model_fields)
+    if unknown:
+        raise ValueError(f"unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(JobLimits.model_fields)}")
+    home = Home(path, "node")
+    cfg = home.load()
+    limits = {**cfg.limits, **changes}
+    limits = {k: v for k, v in limits.items() if v is not None}
+    JobLimits.parse(limits)  # ValueError naming the bad one
+    cfg.limits = limits
+    home.save(cfg)
+    return JobLimits.parse(limits).model_dump()
+
+
+def cancel_job(path: Path, job_id: str) -> dict:
+    """The owner cancels a job: through the running node's API (it stops the worker if the job runs),
+    or in the node's store when the node is not running. Returns the job's status."""
+    home = Home(path, "node")
+    home.load()
+    if home.run_file.exists():
+        from voxgrid.client import NodeClient, Unreachable
+
+        url = json.loads(home.run_file.read_text())["url"]
+        try:
+            with NodeClient(url, home.owner_token_file.read_text().strip(), home.tls / "ca.crt", timeout=60) as c:
+                return c.cancel(job_id).model_dump(mode="json")
+        except Unreachable:
+            pass  # a stale run.json: the node is not running
+    from .service import Caller, NodeService, ServiceError
+
+    service = NodeService(home, start_executor=False)
+    try:
+        return service.cancel_job(Caller("owner", "owner"), job_id).model_dump(mode="json")
+    except ServiceError as exc:
+        raise ValueError(exc.detail) from None
+    finally:
+        service.close()
+
+
 def parse_label_names(spec: str | dict) -> dict[int, str]:
     """``"1=pancreas,2=tumor"`` -> ``{1: "pancreas", 2: "tumor"}`` with clear errors."""
     if isinstance(spec, dict):

@@ -3,33 +3,39 @@
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 import voxgrid
 from voxgrid.privacy import BudgetStatus
-from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
+from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
                           EstimateRequest, Health, JobRequest, JobStatus, LedgerView, NodeInfo, Problem, RevealedShare,
                           RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
                           TokenIssued, WeightsRef, WhoAmI)
 
-from .http import caller_dependency, install_problem_handlers, read_body
+from .http import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
 from .service import NodeService
 
 OCTETS = "application/octet-stream"
-ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 422)}
+OCTET_RESPONSE = {200: {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def create_app(service: NodeService) -> FastAPI:
-    app = FastAPI(title=f"voxgrid data node {service.config.name}", version=voxgrid.__version__, responses=ERRORS)
-    install_problem_handlers(app)
+    # No public docs: the schema is served to authenticated callers at GET /v1/openapi.json, and no
+    # page pulls scripts from a CDN that a hospital network blocks.
+    app = FastAPI(title=f"voxgrid data node {service.config.name}", version=voxgrid.__version__, responses=ERRORS,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    # Only the weights upload may be big; every JSON body is capped at http.JSON_BODY_LIMIT.
+    install_problem_handlers(app, service.authenticate, limits={("PUT", f"{API_PREFIX}/weights"): MAX_BODY_BYTES},
+                             unbounded=job_long_poll)
     Who = caller_dependency(service.authenticate)
     p = API_PREFIX
 
     @app.get(f"{p}/health", response_model=Health)
-    def health(c: Who):
+    async def health(c: Who):  # no thread: answers even when every worker thread is busy
         return service.health(c)
 
     @app.get(f"{p}/whoami", response_model=WhoAmI)
-    def whoami(c: Who):
+    async def whoami(c: Who):
         return service.whoami(c)
 
     @app.get(f"{p}/info", response_model=NodeInfo)
@@ -53,17 +59,22 @@ def create_app(service: NodeService) -> FastAPI:
     async def put_weights(request: Request, c: Who):
         service.require(c, "scientist", "owner")
         data = await read_body(request)
-        return service.put_weights(c, data)
+        return await run_in_threadpool(service.put_weights, c, data)  # hashing 512 MiB must not stall the loop
 
     @app.post(f"{p}/jobs", response_model=JobStatus)
     def submit(req: JobRequest, c: Who):
         return service.submit(c, req)
 
     @app.get(f"{p}/jobs/{{job_id}}", response_model=JobStatus)
-    def job_status(job_id: str, c: Who, wait: Annotated[float, Query(ge=0, le=60)] = 0.0):
-        return service.job_status(c, job_id, wait)
+    async def job_status(job_id: str, c: Who, wait: Annotated[float, Query(ge=0, le=60)] = 0.0):
+        # Waits on an event, holding no thread; past a caller's bound of waits: 429 with Retry-After.
+        return await service.job_status_wait(c, job_id, wait)
 
-    @app.get(f"{p}/jobs/{{job_id}}/update", response_class=Response)
+    @app.delete(f"{p}/jobs/{{job_id}}", response_model=JobStatus)
+    def cancel_job(job_id: str, c: Who):
+        return service.cancel_job(c, job_id)
+
+    @app.get(f"{p}/jobs/{{job_id}}/update", response_class=Response, responses=OCTET_RESPONSE)
     def job_update(job_id: str, c: Who):
         return Response(service.job_update(c, job_id), media_type=OCTETS)
 
@@ -75,7 +86,7 @@ def create_app(service: NodeService) -> FastAPI:
     def secagg_shares(req: SecAggSharesRequest, c: Who):
         return service.secagg_shares(c, req)
 
-    @app.post(f"{p}/secagg/masked", response_class=Response)
+    @app.post(f"{p}/secagg/masked", response_class=Response, responses=OCTET_RESPONSE)
     def secagg_masked(req: SecAggMaskedRequest, c: Who):
         return Response(service.secagg_masked(c, req), media_type=OCTETS)
 

@@ -72,6 +72,39 @@ def _config_set(args) -> None:
     print(json.dumps({"data_roots": roots}))
 
 
+LIMIT_FLAGS = (("--max-patch-voxels", int, "voxels in one patch (default 128^3 = 2097152)"),
+               ("--max-batch-size", int, "plan.batch_size (default 32)"),
+               ("--max-sw-batch-size", int, "plan.sw_batch_size (default 16)"),
+               ("--max-samples-per-volume", int, "plan.samples_per_volume (default 32)"),
+               ("--max-steps-per-job", int, "optimiser steps of one train job (default 10000)"),
+               ("--max-parameters", int, "parameters of the plan's network (default 100000000)"),
+               ("--max-job-seconds", float, "wall time of one job (default 3600)"),
+               ("--max-worker-memory-mb", int, "resident memory of the executor in MiB (default: 75%% of RAM)"),
+               ("--max-queued-jobs", int, "jobs one scientist may have queued or running (default 100)"),
+               ("--max-job-restarts", int, "runs again of a job the node stopped during (default 1)"))
+
+
+def _limits(args) -> None:
+    changes = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in LIMIT_FLAGS}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for name in args.reset or ():
+        changes[name.replace("-", "_")] = None
+    print(json.dumps(admin.set_limits(args.home, **changes)))
+
+
+def _add_limits(node) -> None:
+    p = node.add_parser("limits", help="show or change the node's job limits (restart a running node to apply them)")
+    _home_arg(p, "node")
+    for flag, kind, text in LIMIT_FLAGS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--reset", action="append", metavar="NAME", help="return a limit to its default, e.g. max-job-seconds")
+    p.set_defaults(func=_limits)
+    p = node.add_parser("cancel", help="cancel a queued or running job (any scientist's)")
+    _home_arg(p, "node")
+    p.add_argument("job_id", metavar="JOB")
+    p.set_defaults(func=lambda args: print(json.dumps(admin.cancel_job(args.home, args.job_id))))
+
+
 def _token(kind: str):
     def run(args):
         token = admin.issue_token(args.home, kind, args.name, args.role, args.token_file)
@@ -313,6 +346,7 @@ def register(sub) -> None:
     p.set_defaults(func=_config_set)
     _add_token(node, "node", "scientist")
     _add_budget(node)
+    _add_limits(node)
     _add_cert(node, "node")
     c = node.add_parser("cache", help="the executor's cache of preprocessed volumes").add_subparsers(
         dest="cache_cmd", required=True)

@@ -201,6 +201,31 @@ def check_disk(home: Home, warn_bytes: int = DISK_WARN_BYTES) -> Check:
     return Check("disk", OK, text)
 
 
+def check_storage(home: Home, cfg: ServerConfig | None) -> Check:
+    """What stored weights and updates take, the most any scientist is charged, and the storage policy."""
+    if cfg is None or cfg.kind != "node":
+        return Check("storage", OK, "not a node: no blobs")
+    from .blobs import StoragePolicy, human, storage_report
+
+    try:
+        policy = StoragePolicy.parse(cfg.storage)
+    except ValueError as exc:
+        return Check("storage", FAIL, f"{home.config_file.name}: {exc}")
+    r = storage_report(home, policy)
+    w, u, who = r["weights"], r["updates"], r["scientists"]
+    top = max(who.items(), key=lambda kv: kv[1]["bytes"], default=None)
+    text = (f"weights {w['files']} file(s) {human(w['bytes'])}, updates {u['files']} file(s) {human(u['bytes'])}; "
+            f"{len(who)} scientist(s) charged" + (f", most {top[0]!r} {human(top[1]['bytes'])} in {top[1]['blobs']} "
+                                                  f"blob(s)" if top else "") +
+            f"; quota {human(policy.quota_bytes)} / {policy.quota_blobs} blobs per scientist, weights expire after "
+            f"{policy.weights_ttl_hours:g} h unused, updates {policy.updates_ttl_hours:g} h after their job")
+    full = [s for s, v in who.items()
+            if v["bytes"] >= 0.9 * policy.quota_bytes or v["blobs"] >= 0.9 * policy.quota_blobs]
+    if full:
+        return Check("storage", WARN, f"{text}; at 90% of the quota or more: {', '.join(full)}")
+    return Check("storage", OK, text)
+
+
 def diagnose(path: Path | str, kind: str = "node", *, timeout: float = 3.0, gpu: bool = True,
              now: dt.datetime | None = None) -> list[Check]:
     """Every check of a home, in order. ``gpu=False`` skips importing torch (the grid needs none)."""
@@ -213,6 +238,7 @@ def diagnose(path: Path | str, kind: str = "node", *, timeout: float = 3.0, gpu:
     if gpu:
         checks.append(check_gpu(cfg))
     checks.append(check_disk(home))
+    checks.append(check_storage(home, cfg))
     return checks
 
 

@@ -7,6 +7,11 @@ worker talk over a pipe: a JSON message, followed for weights and updates by one
 message. Nothing is pickled
 (``send_bytes``/``recv_bytes`` only), and nothing touches the disk on the way: the server keeps
 the durable copies.
+
+The server keeps the queue (:class:`~.limits.FairQueue`: round-robin across scientists) and hands
+the worker one job at a time, when it is idle. A watchdog stops a job past the owner's wall-time
+limit, or a worker past its memory limit, by killing the worker (which is then started again); a
+cancelled running job is stopped the same way. The job fails with the reason.
 """
 
 from __future__ import annotations
@@ -17,14 +22,25 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from .limits import FairQueue, JobLimits, process_tree, tree_rss
 
 log = logging.getLogger("voxgrid.executor")
 
 
+@dataclass
+class _Running:
+    job_id: str
+    scientist: str
+    since: float  # time.monotonic() when it was handed to the worker
+
+
 class Executor:
-    """Server-side handle: starts the worker, feeds it jobs, reports events to ``on_event``.
+    """Server-side handle: starts the worker, queues jobs, feeds them one at a time, reports events.
 
     ``on_event`` receives dicts: ``{"event": "started", "job_id"}``, ``{"event": "done", "job_id",
     "metrics", "update": bytes | None}`` (the update after the plan's privacy filter chain) or
@@ -32,18 +48,25 @@ class Executor:
     """
 
     def __init__(self, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0,
-                 state_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
+                 state_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                 limits: JobLimits | None = None, poll: float = 0.25):
         self.on_event, self.device, self.threads = on_event, device, threads
         # Site-kept tensors (FedBN): durable under state_dir, else in the worker's memory only.
         self.state_dir = str(state_dir) if state_dir else None
         # Preprocessed volumes survive a restart under cache_dir (the node home's cache/prepared).
         self.cache_dir = str(cache_dir) if cache_dir else None
-        self._lock = threading.Lock()
-        self._inflight: dict[str, dict] = {}
+        self.limits = limits or JobLimits()
+        self._memory = self.limits.worker_memory_bytes()
+        self._cv = threading.Condition()
+        self._queue = FairQueue()
+        self._current: _Running | None = None
+        self._reasons: dict[str, str] = {}  # job id -> why its worker was killed
         self._closing = False
         #: Set once the worker has done its imports and can take a job at once.
         self.ready = threading.Event()
         self._start()
+        for name, target in (("executor-dispatch", self._dispatch), ("executor-watchdog", self._watch)):
+            threading.Thread(target=target, args=(poll,), name=name, daemon=True).start()
 
     def _start(self) -> None:
         self.ready.clear()
@@ -53,47 +76,136 @@ class Executor:
                                  args=(child, self.device, self.threads, self.state_dir, self.cache_dir))
         self._proc.start()
         child.close()
-        self._reader = threading.Thread(target=self._read, name="executor-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(self._conn, self._proc), name="executor-reader",
+                                        daemon=True)
         self._reader.start()
 
-    def submit(self, job: dict, weights: bytes) -> None:
-        """Queue a job: ``{"job_id", "request": JobRequest dict, "dataset": {...}}`` and its start weights."""
-        with self._lock:  # the two messages must stay adjacent
-            self._inflight[job["job_id"]] = job
-            self._conn.send_bytes(json.dumps(job).encode())
-            self._conn.send_bytes(weights)
+    def submit(self, job: dict, weights: bytes | Callable[[], bytes | None]) -> None:
+        """Queue a job: ``{"job_id", "request": JobRequest dict, "dataset": {...}, "scientist"}`` and its start
+        weights (bytes, or a function that reads them when the job's turn comes: a long queue holds no blobs)."""
+        job = {**job, "limits": {"max_steps_per_job": self.limits.max_steps_per_job}}
+        with self._cv:
+            self._queue.put(job["job_id"], job.get("scientist", ""), (job, weights))
+            self._cv.notify_all()
 
-    def _read(self) -> None:
-        conn = self._conn
+    def queued(self) -> list[str]:
+        """Job ids waiting for the worker, in the order they would run if nothing else arrived."""
+        with self._cv:
+            return self._queue.job_ids()
+
+    def running(self) -> str | None:
+        with self._cv:
+            return self._current.job_id if self._current else None
+
+    def cancel(self, job_id: str, reason: str) -> str | None:
+        """Take a job off the queue ("queued"; the caller records its end) or stop it by killing the
+        worker ("running"; it fails with ``reason``). None: the executor does not hold it."""
+        with self._cv:
+            if self._queue.remove(job_id) is not None:
+                return "queued"
+        return "running" if self._kill(job_id, reason) else None
+
+    def _dispatch(self, poll: float) -> None:
+        """Hand the worker the next job whenever it is ready and idle."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closing or (self._current is None and self._queue and self.ready.is_set()))
+                if self._closing:
+                    return
+                entry = self._queue.pop()
+                self._current = _Running(entry.job_id, entry.scientist, time.monotonic())
+                conn = self._conn
+            job, weights = entry.item
+            blob = weights() if callable(weights) else weights
+            if blob is None:  # only after a crash that beat the background write
+                self._finish(job["job_id"], {"event": "failed", "job_id": job["job_id"],
+                                             "error": "start weights lost; submit again"})
+                continue
+            try:
+                conn.send_bytes(json.dumps(job).encode())
+                conn.send_bytes(blob)
+            except (OSError, ValueError):
+                pass  # the worker is gone: its reader fails the job and starts a new one
+
+    def _finish(self, job_id: str, msg: dict) -> None:
+        self.on_event(msg)  # the job's end is recorded before the next one can start or be cancelled
+        with self._cv:
+            if self._current and self._current.job_id == job_id:
+                self._current = None
+            self._reasons.pop(job_id, None)
+            self._cv.notify_all()
+
+    def _read(self, conn, proc) -> None:
         while True:
             try:
                 msg = json.loads(conn.recv_bytes())
                 if msg.get("event") == "ready":
-                    self.ready.set()
+                    with self._cv:
+                        self.ready.set()
+                        self._cv.notify_all()
                     continue
                 if msg.get("event") == "done":
                     msg["update"] = conn.recv_bytes() if msg.get("has_update") else None
             except (EOFError, OSError):
                 break
             if msg.get("event") in ("done", "failed"):
-                with self._lock:
-                    self._inflight.pop(msg["job_id"], None)
-            self.on_event(msg)
-        self._proc.join(5)
-        if self._closing or self._proc.exitcode == -signal.SIGTERM:
+                self._finish(msg["job_id"], msg)
+            else:
+                self.on_event(msg)
+        proc.join(5)
+        if self._closing or proc.exitcode == -signal.SIGTERM:
             return  # the node is shutting down: its unfinished jobs are recovered at the next start
-        # The worker died (killed, out of memory): fail its jobs with a message, start a new one.
-        code = self._proc.exitcode
-        with self._lock:
-            lost, self._inflight = list(self._inflight), {}
-        for job_id in lost:
-            self.on_event({"event": "failed", "job_id": job_id,
-                           "error": f"executor process exited unexpectedly (exit code {code}); job not completed"})
+        # The worker died (killed by the watchdog or a cancel, out of memory): fail its job, start a new one.
+        code = proc.exitcode
+        with self._cv:
+            self.ready.clear()
+            lost = self._current
+        if lost is not None:
+            reason = self._reasons.get(lost.job_id) or (f"executor process exited unexpectedly (exit code {code}); "
+                                                        "job not completed")
+            self._finish(lost.job_id, {"event": "failed", "job_id": lost.job_id, "error": reason})
         log.error("executor exited with code %s; restarting it", code)
-        self._start()
+        with self._cv:
+            if not self._closing:
+                self._start()
+
+    def _kill(self, job_id: str | None, reason: str) -> bool:
+        """Kill the worker (and its children) if it runs ``job_id`` (None: whatever it runs)."""
+        with self._cv:
+            cur = self._current
+            if job_id is not None and (cur is None or cur.job_id != job_id):
+                return False
+            if cur is not None:
+                self._reasons[cur.job_id] = reason
+            pids = process_tree(self._proc.pid) if self._proc.pid else []
+        log.warning("stopping the executor: %s", reason)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return True
+
+    def _watch(self, poll: float) -> None:
+        """The watchdog: wall time of the running job, resident memory of the worker."""
+        limit_s = self.limits.max_job_seconds
+        while not self._closing:
+            time.sleep(poll)
+            with self._cv:
+                cur, pid = self._current, self._proc.pid
+            if cur is not None and time.monotonic() - cur.since > limit_s:
+                self._kill(cur.job_id, f"job stopped: it exceeded the node's wall-time limit of {limit_s:g} s")
+                continue
+            rss = tree_rss(pid) if pid else 0
+            if rss > self._memory:
+                mb = self._memory // 2 ** 20
+                self._kill(None, f"job stopped: the executor exceeded the node's memory limit of {mb} MiB "
+                                 f"({rss // 2 ** 20} MiB resident)")
 
     def close(self, timeout: float = 5.0) -> None:
-        self._closing = True
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
         try:
             self._conn.close()
         except OSError:
@@ -104,7 +216,7 @@ class Executor:
 
 
 def worker_main(conn, device: str, threads: int, state_dir: str | None = None, cache_dir: str | None = None) -> None:
-    """Worker loop: one job at a time, in submission order. Exits when the server goes away."""
+    """Worker loop: runs the jobs the server hands it, one at a time. Exits when the server goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us cleanly
     if threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -117,8 +229,10 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
     from voxgrid.privacy import PrivacySpec
     from voxgrid import components
     from voxgrid.privacy.mechanisms import apply_filters, secure_generator
+    from voxgrid.privacy.metrics import MetricsRelease
     from voxgrid.wire import JobRequest
 
+    from .limits import planned_steps
     from .local_state import LocalState
     from .prepcache import PrepCache
     from .secure import noise_share
@@ -143,6 +257,10 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
             req = JobRequest.model_validate(job["request"])
             plan = Plan.model_validate(req.plan)
             ds = job["dataset"]
+            cap = job.get("limits", {}).get("max_steps_per_job")
+            if req.kind == "train" and cap and (steps := planned_steps(plan, ds["volumes"])) > cap:
+                raise RuntimeError(f"{steps} optimiser steps on this dataset is over the node's limit of {cap} "
+                                   "steps per job")
             site_labels = {int(k): v for k, v in ds["label_names"].items()}
             key = (req.dataset, ds["fingerprint"], json.dumps(plan.preprocessing, sort_keys=True), tuple(plan.labels))
             data = cache.get(key)
@@ -157,7 +275,9 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
                 cache = {key: data}  # one dataset at a time: volumes are large
             metrics, delta = run_job(trainer, plan, req.kind, data, tensors.loads(blob), split=req.split,
                                      evaluate=req.evaluate, seed=req.seed, local_state=local_state,
-                                     job_key=(req.experiment_id, req.dataset, req.round))
+                                     job_key=(req.experiment_id, req.dataset, req.round),
+                                     release=MetricsRelease.model_validate(job["metrics_release"])
+                                     if job.get("metrics_release") else None)
             spec = PrivacySpec.parse(plan.privacy)
             if delta is not None and spec is not None:
                 # The privacy filter chain runs here, so the raw delta never reaches the server process

@@ -12,7 +12,7 @@ from voxgrid.wire import API_PREFIX, Health, NodeInfo, NodeRegistration, SearchR
 
 from .db import Database, now
 from .home import Home
-from .http import caller_dependency, install_problem_handlers
+from .http import ERRORS, caller_dependency, install_problem_handlers
 from .service import Caller, Forbidden, Invalid, authenticate, require
 
 SCHEMA = """
@@ -67,17 +67,19 @@ class GridService:
 
 
 def create_grid_app(service: GridService) -> FastAPI:
-    app = FastAPI(title=f"voxgrid grid {service.config.name}", version=voxgrid.__version__)
-    install_problem_handlers(app)
+    # Like a node's: no public docs; the schema is at GET /v1/openapi.json for authenticated callers.
+    app = FastAPI(title=f"voxgrid grid {service.config.name}", version=voxgrid.__version__, responses=ERRORS,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    install_problem_handlers(app, service.authenticate)  # every body is JSON: capped at http.JSON_BODY_LIMIT
     Who = caller_dependency(service.authenticate)
     p = API_PREFIX
 
     @app.get(f"{p}/health", response_model=Health)
-    def health(c: Who):
+    async def health(c: Who):
         return Health(name=service.config.name, version=voxgrid.__version__)
 
     @app.get(f"{p}/whoami", response_model=WhoAmI)
-    def whoami(c: Who):
+    async def whoami(c: Who):
         return WhoAmI(name=c.name, role=c.role)
 
     @app.post(f"{p}/nodes", response_model=NodeInfo)

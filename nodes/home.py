@@ -58,6 +58,8 @@ class ServerConfig:
     threads: int = 0
     extra: dict = field(default_factory=dict)
     data_roots: list[str] = field(default_factory=list)  # node: folders volumes may come from ([]: anywhere)
+    limits: dict = field(default_factory=dict)  # node: the owner's job limits (nodes.limits.JobLimits; {}: defaults)
+    storage: dict = field(default_factory=dict)  # node: quotas and expiry of blobs (nodes.blobs.StoragePolicy)
 
 
 class Home:

@@ -7,6 +7,7 @@ over :class:`NodeService`; they authenticate the caller, then call one method he
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -24,20 +25,27 @@ from pydantic import ValidationError
 import voxgrid
 from voxgrid import tensors
 from voxgrid.plan import Plan, PlanError
-from voxgrid.privacy import (BudgetExceeded, BudgetStatus, Ledger, LedgerError, LedgerView, PrivacySpec, PrivacySpecError,
-                             TrainingContext)
+from voxgrid.privacy import (AccountingError, BudgetExceeded, BudgetStatus, Ledger, LedgerError, LedgerView,
+                             PrivacySpec, PrivacySpecError, TrainingContext)
+from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity
 from voxgrid.privacy.secagg import SecAggError
 from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
                           EstimateRequest, Health, JobRequest, JobStatus, Metrics, NodeInfo, RevealedShare,
                           RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
                           TokenIssued, WeightsRef, WhoAmI)
 
+from .blobs import BlobStore, OverQuota, StoragePolicy
 from .executor import Executor
 from .home import Home
+from .limits import JobLimits, LimitExceeded, check_plan
 from .secure import NodeSecAgg, SecureAggregationRefused, parse_config
 from .store import NodeStore, new_job_id
+from .waits import JobWaits
 
 log = logging.getLogger("voxgrid.node")
+
+#: Long-polls (GET /v1/jobs/{id}?wait=) one caller may have waiting at once; an experiment needs one per job.
+MAX_WAITS_PER_CALLER = 8
 
 _PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,]+)+")
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # DICOM UIDs: dotted digit strings
@@ -76,6 +84,10 @@ class BlobCache:
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
 
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
 
 class ServiceError(Exception):
     status = 400
@@ -104,6 +116,24 @@ class Invalid(ServiceError):
 
 class TooLarge(ServiceError):
     status, title = 413, "Request too large"
+
+
+class QuotaExceeded(TooLarge):
+    """An upload past the scientist's storage quota (nodes/blobs.py): a 4xx, the caller's to fix by reuse or
+    by waiting for expiry, not a node fault a client would retry (507) nor a rate limit (429)."""
+
+    title = "Storage quota exceeded"
+
+
+class TooManyWaits(ServiceError):
+    """The caller already has its share of long-polls waiting; ``retry_after`` seconds is a fair pause."""
+
+    status, title = 429, "Too many requests"
+    retry_after = 1
+
+
+class TooManyJobs(ServiceError):
+    status, title = 429, "Too many jobs"
 
 
 class BudgetRefused(Forbidden):
@@ -146,22 +176,37 @@ class NodeService:
         # The ledger shares the node's SQLite file but has its own connection (and durable commits).
         self.ledger = Ledger(home.db_file)
         self._cond = threading.Condition()
+        self.waits = JobWaits(MAX_WAITS_PER_CALLER)  # long-polls that hold no thread (job_status_wait)
         # Recent weights and updates stay in memory so a round never waits on the disk; the durable
         # copies are written beside (weights in the background, updates right after "done").
         self._weights = BlobCache(keep=4)
         self._updates = BlobCache(keep=8)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
+        # Who keeps which weights, quotas and expiry (nodes/blobs.py); the sweep evicts the caches too.
+        self.storage = StoragePolicy.parse(self.config.storage)
+        self.blobs = BlobStore(self.store, home, self.storage, evict_weights=self._weights.discard,
+                               evict_update=self._updates.discard)
+        self._sweeper = None
         self.secagg = NodeSecAgg(self.config.name, home.tls)
         self.executor: Executor | None = None
+        self.limits = JobLimits.parse(self.config.limits)
         if start_executor:
             # FedBN-style site-kept tensors persist in the home, so a restarted node keeps them.
             self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads,
-                                     state_dir=home.path / "local-state", cache_dir=home.cache / "prepared")
+                                     state_dir=home.path / "local-state", cache_dir=home.cache / "prepared",
+                                     limits=self.limits)
             self._recover()
+            self._sweeper = self.blobs.start_sweeper()  # now, then every storage.sweep_minutes
 
     def close(self) -> None:
+        if self._sweeper:
+            self._sweeper.stop()
         if self.executor:
+            running = self.executor.running() if hasattr(self.executor, "running") else None
             self.executor.close()
+            job = self.store.job(running) if running else None
+            if job is not None and job.state == "running":  # stopped by a shutdown, not by itself: no restart counted
+                self.store.set_job(job.job_id, "queued")
         self._writer.shutdown(wait=True)
         self.ledger.close()
         self.store.close()
@@ -221,11 +266,17 @@ class NodeService:
         self.require(caller, "scientist", "owner")
         try:
             state = tensors.loads(data)
+            tensors.check_finite(state)  # NaN weights would switch off the update's clip downstream
         except tensors.TensorsError as exc:
             raise Invalid(str(exc)) from exc
         if not state:
             raise Invalid("the weights blob holds no tensors")
         weights_id = hashlib.sha256(data).hexdigest()
+        try:  # charged to the caller (identical bytes again: free); the owner's uploads are recorded, not capped
+            self.blobs.admit(caller.name, weights_id, len(data), exempt=caller.role == "owner")
+        except OverQuota as exc:
+            self.store.audit(caller.name, "weights.refused", str(exc))
+            raise QuotaExceeded(f"node {self.config.name!r}: {exc}") from None
         self._weights.put(weights_id, data)
         path = self.home.blobs / f"{weights_id}.safetensors"
         if not path.exists():
@@ -256,6 +307,7 @@ class NodeService:
             raise Invalid(f"privacy spec refused by node {self.config.name!r}: {exc}") from exc
         if req.kind == "train":
             self._check_secure(caller, req, spec)
+        self._check_limits(caller, plan, req, ds)
         if req.weights_id not in self._weights and not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
             raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
         split = "train" if req.kind == "train" else req.split
@@ -264,17 +316,11 @@ class NodeService:
         existing = self.store.find_job(caller.name, req)
         if existing:
             return self._status(existing)
+        self._check_queue(caller)
         job_id = new_job_id()
-        if req.kind == "train":
-            # Reserve the spend before the job exists: a crash in between leaves a reservation with
-            # no job (given back at the next start), never a job whose spend was not checked.
-            try:
-                # DP-SGD's cost depends on the train split's patients and the plan's schedule.
-                context = TrainingContext.of(plan, ds.volumes) if spec is not None and spec.dp_sgd else None
-                self.ledger.reserve(job_id, caller.name, req.dataset, spec, context)
-            except BudgetExceeded as exc:
-                self.store.audit(caller.name, "job.refused", str(exc))
-                raise BudgetRefused(str(exc)) from exc
+        # Reserve the spend before the job exists: a crash in between leaves a reservation with
+        # no job (given back at the next start), never a job whose spend was not checked.
+        self._reserve(caller, req, ds, plan, spec, job_id)
         try:
             job = self.store.add_job(caller.name, req, job_id=job_id)
         except BaseException:
@@ -283,8 +329,83 @@ class NodeService:
         self.store.audit(caller.name, "job.submit",
                          f"{req.kind} job {job.job_id} on {req.dataset}, experiment {req.experiment_id} "
                          f"round {req.round}, plan {plan.content_hash}")
-        self._dispatch(job.job_id, req)
+        self._dispatch(job.job_id, req, caller.name)
         return job.status(False)
+
+    def _reserve(self, caller: Caller, req: JobRequest, ds, plan: Plan, spec: PrivacySpec | None, job_id: str) -> None:
+        """Reserve what the job releases: its update (train jobs) and, on a budgeted dataset, its metrics."""
+        metrics = self._metrics_release(caller, req, ds, plan, spec)
+        if req.kind != "train" and metrics is None:
+            return  # an evaluate job where no budget applies releases nothing the ledger bounds
+        train = req.kind == "train"
+        try:
+            # DP-SGD's cost depends on the train split's patients and the plan's schedule.
+            context = TrainingContext.of(plan, ds.volumes) if train and spec is not None and spec.dp_sgd else None
+            self.ledger.reserve(job_id, caller.name, req.dataset, spec if train else None, context, metrics)
+        except BudgetExceeded as exc:
+            self.store.audit(caller.name, "job.refused", str(exc))
+            raise BudgetRefused(str(exc)) from exc
+        except AccountingError as exc:
+            self.store.audit(caller.name, "job.refused", str(exc))
+            raise Invalid(f"plan.privacy refused by node {self.config.name!r}: {exc}") from exc
+
+    def _metrics_release(self, caller: Caller, req: JobRequest, ds, plan: Plan,
+                         spec: PrivacySpec | None) -> MetricsRelease | None:
+        """How the job's metrics may leave (:mod:`voxgrid.privacy.metrics`); None where no budget applies."""
+        if not self.ledger.applies(req.dataset, caller.name):
+            return None
+        train = req.kind == "train"
+        scored = ("val" if req.evaluate else None) if train else req.split
+        noise = spec.noise if spec else None
+        if scored and noise is None:
+            self.store.audit(caller.name, "job.refused", f"unnoised metrics on budgeted dataset {req.dataset}")
+            raise BudgetRefused(
+                f"dataset {req.dataset!r} has a privacy budget, so the Dice this job would report is a release: give "
+                "the plan a noise filter (plan.privacy 'gaussian_update' or 'dp_sgd'), whose noise multiplier the "
+                "node uses to noise and account it" + (", or submit with evaluate=False" if train else ""))
+        site = set(ds.label_names.values())
+        classes = sum(1 for name in plan.labels[1:] if name in site)
+        if not (classes and scored and any(v.split == scored for v in ds.volumes)):
+            return MetricsRelease(dice="not computed", loss="withheld" if train else "not computed")
+        return MetricsRelease(dice="noised", loss="withheld" if train else "not computed", split=scored,
+                              noise_multiplier=noise.noise_multiplier, delta=noise.delta,
+                              sensitivity=dice_sensitivity(ds.volumes, scored, classes))
+
+    def _check_limits(self, caller: Caller, plan: Plan, req: JobRequest, ds) -> None:
+        """The owner's job limits (:class:`~.limits.JobLimits`), before anything is reserved or queued."""
+        try:
+            check_plan(plan, self.limits, ds.volumes, req.kind)
+        except LimitExceeded as exc:
+            self.store.audit(caller.name, "job.refused", f"over the node's limits: {exc}")
+            raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from None
+
+    def _check_queue(self, caller: Caller) -> None:
+        if (n := self.store.count_jobs(caller.name, ("queued", "running"))) >= self.limits.max_queued_jobs:
+            self.store.audit(caller.name, "job.refused", f"{n} jobs queued or running")
+            raise TooManyJobs(f"{caller.name!r} has {n} jobs queued or running at node {self.config.name!r}, its "
+                              f"limit is {self.limits.max_queued_jobs}: wait for some to finish or cancel them")
+
+    def cancel_job(self, caller: Caller, job_id: str) -> JobStatus:
+        """Cancel a queued or running job: a scientist its own jobs, the owner any. The job fails with
+        "cancelled by <who>" and its privacy reservation is given back; a finished job is left as it is."""
+        self.require(caller, "scientist", "owner")
+        job = self._own_job(caller, job_id)
+        if job.state not in ("queued", "running"):
+            return self._status(job)
+        reason = f"cancelled by {caller.name}" + (" (the node's owner)" if caller.role == "owner" else "")
+        self.store.audit(caller.name, "job.cancel", f"job {job_id} of {job.scientist} ({job.state})")
+        where = self.executor.cancel(job_id, reason) if hasattr(self.executor, "cancel") else None
+        if where == "running":  # the worker is killed; its reader records the failure with the reason
+            with self._cond:
+                self._cond.wait_for(lambda: self.store.job(job_id).state not in ("queued", "running"), timeout=30)
+        elif self.store.job(job_id).state in ("queued", "running"):
+            self.ledger.cancel(job_id)
+            self.store.set_job(job_id, "failed", error=reason)
+            with self._cond:
+                self._cond.notify_all()
+            if hasattr(self, "waits"):  # long-polls held without a thread
+                self.waits.wake(job_id)
+        return self._status(self.store.job(job_id))
 
     def _check_secure(self, caller: Caller, req: JobRequest, spec: PrivacySpec | None) -> None:
         """A train job of an experiment that asked for secure aggregation must ask for it too, and so
@@ -303,37 +424,67 @@ class NodeService:
         except SecureAggregationRefused as exc:
             raise Invalid(f"secure aggregation refused by node {self.config.name!r}: {exc}") from None
 
-    def _dispatch(self, job_id: str, req: JobRequest) -> None:
+    def _dispatch(self, job_id: str, req: JobRequest, scientist: str = "") -> None:
         ds = self.store.dataset(req.dataset)
         vols = [v.__dict__ for v in ds.volumes]
         # Everything that changes what the worker loads: a re-registered dataset must not hit a stale cache.
         fingerprint = hashlib.sha256(repr(sorted(sorted(v.items()) for v in vols)).encode())
         if self.executor is None:
             raise ServiceError("this node has no executor")
-        weights = self._weights_blob(req.weights_id)
-        if weights is None:  # only after a crash that beat the background write
-            self._on_event({"event": "failed", "job_id": job_id, "error": "start weights lost; submit again"})
-            return
+        # The executor queues the job (fairly across scientists) and reads its weights when its turn comes.
         self.executor.submit({"job_id": job_id, "request": req.model_dump(mode="json"),
                               "dataset": {"label_names": {str(k): v for k, v in ds.label_names.items()},
                                           "volumes": vols, "fingerprint": fingerprint.hexdigest(),
-                                          "data_roots": [str(r) for r in self.home.data_roots(self.config).roots]}},
-                              weights)
+                                          "data_roots": [str(r) for r in self.home.data_roots(self.config).roots]},
+                              "scientist": scientist, "metrics_release": self._recorded_release(job_id)},
+                             lambda: self._weights_blob(req.weights_id))
+
+    def _recorded_release(self, job_id: str) -> dict | None:
+        """The metrics release reserved for the job (also after a restart), for the worker to apply."""
+        entry = self.ledger.entry(job_id)
+        release = MetricsRelease.in_parameters(entry.parameters) if entry else None
+        return release.model_dump() if release else None
 
     def _recover(self) -> None:
-        """After a restart, queue again the jobs that were queued or running when the node stopped."""
+        """After a restart, queue again the jobs that were queued or running when the node stopped.
+
+        A job found running counts one restart; past the owner's ``max_job_restarts`` it fails instead
+        (a plan that takes the node down must not take it down at every start). A job over limits
+        the owner lowered since it was submitted fails too.
+        """
+        for job in reversed(self.store.jobs(states=("queued", "running"))):
+            error = self._recover_refusal(job)
+            if error:
+                log.warning("job %s not run again: %s", job.job_id, error)
+                self.store.set_job(job.job_id, "failed", error=error)
+                self.store.audit("executor", "job.failed", f"{job.job_id}: {error}")
+                continue
+            log.info("recovering job %s", job.job_id)
+            self.store.set_job(job.job_id, "queued")
+            self._dispatch(job.job_id, job.request, job.scientist)
         for entry in self.ledger.entries(states=("reserved",)):
             job = self.store.job(entry.job_id)
             if job is None or job.state == "failed":  # nothing was released: give the spend back
                 self.ledger.cancel(entry.job_id)
-        for job in reversed(self.store.jobs(states=("queued", "running"))):
-            log.info("recovering job %s", job.job_id)
-            self.store.set_job(job.job_id, "queued")
-            self._dispatch(job.job_id, job.request)
         for job in self.store.jobs(states=("done",)):
             if job.request.kind == "train" and not self._has_update(job.job_id):
                 self.store.set_job(job.job_id, "failed", error="the update was lost when the node stopped",
                                    metrics=job.metrics)
+
+    def _recover_refusal(self, job) -> str | None:
+        """Why a job the node stopped during must not run again, or None."""
+        if job.state == "running":
+            restarts, cap = self.store.add_restart(job.job_id), self.limits.max_job_restarts
+            if restarts > cap:
+                return (f"the node stopped while this job was running, {restarts} times; it is not run again "
+                        f"(the node's limit is {cap} restart{'s' * (cap != 1)} per job)")
+        ds = self.store.dataset(job.request.dataset)
+        try:
+            if ds is not None:
+                check_plan(Plan.model_validate(job.request.plan), self.limits, ds.volumes, job.request.kind)
+        except (LimitExceeded, PlanError, ValueError) as exc:
+            return f"refused after the node restarted: {exc}"
+        return None
 
     def _on_event(self, msg: dict) -> None:
         job_id, event = msg["job_id"], msg["event"]
@@ -342,7 +493,8 @@ class NodeService:
             self.store.set_job(job_id, "running")
         elif event == "done":
             # Invariant 5: the ledger entry is committed before the update becomes downloadable.
-            if update is not None and not self._release(job_id):
+            # Metrics on a budgeted dataset are a release too: an evaluate job has an entry of its own.
+            if (update is not None or self.ledger.entry(job_id) is not None) and not self._release(job_id):
                 update = None  # withheld: _release failed the job
             else:
                 if update is not None:
@@ -355,6 +507,7 @@ class NodeService:
             self.store.audit("executor", "job.failed", job_id)
         with self._cond:
             self._cond.notify_all()
+        self.waits.wake(job_id)
         if update is not None:
             _write_atomic(self.home.updates / f"{job_id}.safetensors", update)
 
@@ -394,6 +547,29 @@ class NodeService:
             job = self.store.job(job_id)
         return self._status(job)
 
+    async def job_status_wait(self, caller: Caller, job_id: str, wait: float = 0.0) -> JobStatus:
+        """:meth:`job_status` for an event loop: waits up to ``wait`` seconds (at most 60) for the job to
+        finish without holding a thread. A caller may have :data:`MAX_WAITS_PER_CALLER` waits at once;
+        past that it gets :class:`TooManyWaits` (429, Retry-After) at once, and nothing is held for it."""
+        self.require(caller, "scientist", "owner")
+        if wait <= 0:
+            return await asyncio.to_thread(self.job_status, caller, job_id)
+        deadline = asyncio.get_running_loop().time() + min(wait, 60)
+        with self.waits.register((caller.name, caller.role), job_id) as changed:
+            if changed is None:
+                raise TooManyWaits(f"{caller.name!r} already has {MAX_WAITS_PER_CALLER} long-polls waiting at node "
+                                   f"{self.config.name!r}; retry after they end, or poll without wait")
+            while True:  # registered before reading, so no change is missed
+                changed.clear()
+                status = await asyncio.to_thread(self.job_status, caller, job_id)
+                left = deadline - asyncio.get_running_loop().time()
+                if status.state not in ("queued", "running") or left <= 0:
+                    return status
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=left)
+                except TimeoutError:
+                    pass
+
     def privacy_estimate(self, caller: Caller, req: EstimateRequest) -> Estimate:
         """What more releases would cost the caller on a dataset, against the budgets that apply."""
         self.require(caller, "scientist", "owner")
@@ -410,7 +586,10 @@ class NodeService:
                 context = TrainingContext.of(Plan.model_validate(req.plan), ds.volumes)
             except (ValidationError, PlanError, ValueError) as exc:
                 raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
-        return self.ledger.estimate(req.dataset, caller.name, spec, req.releases, context)
+        try:
+            return self.ledger.estimate(req.dataset, caller.name, spec, req.releases, context)
+        except AccountingError as exc:
+            raise Invalid(f"plan.privacy refused by node {self.config.name!r}: {exc}") from exc
 
     def job_update(self, caller: Caller, job_id: str) -> bytes:
         self.require(caller, "scientist", "owner")

@@ -104,6 +104,7 @@ def new_job_id() -> str:
 # Columns added after the first release: (name, declaration) for node.db files created before them.
 _VOLUME_COLUMNS = (("series_uid", "TEXT"), ("resample", "INTEGER NOT NULL DEFAULT 0"), ("patient", "TEXT"))
 _DATASET_COLUMNS = (("shape_range", "TEXT"), ("spacing_range", "TEXT"))  # JSON [[min...], [max...]] or NULL
+_JOB_COLUMNS = (("restarts", "INTEGER NOT NULL DEFAULT 0"),)  # times a restart found the job running
 
 
 class NodeStore(Database):
@@ -121,6 +122,10 @@ class NodeStore(Database):
             for column, decl in _DATASET_COLUMNS:
                 if column not in have:
                     c.execute(f"ALTER TABLE datasets ADD COLUMN {column} {decl}")
+            have = {r["name"] for r in c.execute("PRAGMA table_info(jobs)").fetchall()}
+            for column, decl in _JOB_COLUMNS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
 
     # registry ----------------------------------------------------------------------------------
     def add_dataset(self, name: str, *, description: str, tags: list[str], modality: str,
@@ -170,7 +175,8 @@ class NodeStore(Database):
     def add_job(self, scientist: str, request: JobRequest, job_id: str | None = None) -> JobRecord:
         job_id = job_id or new_job_id()
         with self.transaction() as c:
-            c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO jobs (job_id, scientist, request, state, error, metrics, created_at, updated_at) "
+                      "VALUES (?,?,?,?,?,?,?,?)",
                       (job_id, scientist, request.model_dump_json(), "queued", None, None, now(), now()))
         return JobRecord(job_id, scientist, request, "queued", None, None)
 
@@ -191,6 +197,17 @@ class NodeStore(Database):
         with self.transaction() as c:
             c.execute("UPDATE jobs SET state=?, error=?, metrics=?, updated_at=? WHERE job_id=?",
                       (state, error, metrics.model_dump_json() if metrics else None, now(), job_id))
+
+    def count_jobs(self, scientist: str, states: tuple[str, ...]) -> int:
+        marks = ",".join("?" * len(states))
+        rows = self.query(f"SELECT COUNT(*) AS n FROM jobs WHERE scientist=? AND state IN ({marks})", (scientist, *states))
+        return int(rows[0]["n"])
+
+    def add_restart(self, job_id: str) -> int:
+        """Count one more restart that found the job running; returns the count."""
+        with self.transaction() as c:
+            c.execute("UPDATE jobs SET restarts=restarts+1 WHERE job_id=?", (job_id,))
+            return int(c.execute("SELECT restarts FROM jobs WHERE job_id=?", (job_id,)).fetchone()["restarts"])
 
     def job(self, job_id: str) -> JobRecord | None:
         rows = self.query("SELECT * FROM jobs WHERE job_id=?", (job_id,))

@@ -6,6 +6,7 @@ Runs inside the executor process. Volumes are loaded and preprocessed once per
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import secrets
@@ -26,7 +27,8 @@ from voxgrid.tensors import StateDict, check_compatible
 from voxgrid.wire import Metrics
 
 from voxgrid.privacy import PrivacySpec
-from voxgrid.privacy.mechanisms import secure_generator
+from voxgrid.privacy.mechanisms import NonFiniteUpdate, secure_generator
+from voxgrid.privacy.metrics import MetricsRelease, release_dice
 from voxgrid.privacy.spec import DPSGD, TrainingContext
 
 from .local_state import LocalState
@@ -222,6 +224,7 @@ class Trainer:
                           max_grad_norm=f.max_grad_norm, expected_batch_size=q * len(groups),
                           loss_reduction="mean", generator=secure_generator())
         net.train()
+        zeroed = 0
         try:
             for _ in range(n_steps):
                 batch = [crop(secret.choice(g))[0] for g in groups if secret.random() < q]
@@ -233,6 +236,12 @@ class Trainer:
                     for buf, g in zip(per_patient, torch.autograd.grad(objective.data_loss(net(x), y), params,
                                                                        allow_unused=True)):
                         buf[i] = 0 if g is None else g
+                    # A NaN/inf gradient would make Opacus's clip factor NaN (or 0 * inf) and poison the sum;
+                    # failing would leak which patient caused it. Zero it: norm 0 <= max_grad_norm.
+                    if not all(bool(torch.isfinite(buf[i]).all()) for buf in per_patient):
+                        for buf in per_patient:
+                            buf[i] = 0
+                        zeroed += 1
                 for p, g in zip(params, per_patient):  # (0, ...) when nobody was sampled: noise only
                     p.grad_sample = g
                 if opt.pre_step():  # clip, sum, noise, scale: p.grad is now the private gradient
@@ -245,14 +254,21 @@ class Trainer:
             for p in params:
                 p.summed_grad = None
                 p.grad_sample = None
+        if zeroed:  # data-dependent: the node's log only, never the metrics
+            logging.getLogger(__name__).warning("DP-SGD: %d non-finite per-patient gradients were zeroed", zeroed)
         return None, n_steps
 
     @torch.no_grad()
-    def evaluate(self, plan: Plan, net: torch.nn.Module, data: list[dict], present: set[int]) -> dict[str, float | None]:
-        """Sliding-window inference and MONAI Dice per class (None for classes not annotated here)."""
+    def evaluate(self, plan: Plan, net: torch.nn.Module, data: list[dict], present: set[int],
+                 ignore_empty: bool = True) -> dict[str, float | None]:
+        """Sliding-window inference and MONAI Dice per class (None for classes not annotated here).
+
+        ``ignore_empty`` False: a volume without the class scores 1 if the prediction has none either,
+        else 0, so every volume counts (the bounded-sensitivity mean of :mod:`voxgrid.privacy.metrics`).
+        """
         net.eval()
         n_cls = len(plan.labels)
-        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=ignore_empty)
         amp = plan.amp and self.device.type == "cuda"
         for item in data:
             x = item["image"].as_tensor()[None].to(self.device)
@@ -287,10 +303,21 @@ def _kbar_from(t: torch.Tensor | None) -> dict[int, float]:
     return {} if t is None else {c: float(k) for c, k in enumerate(t.tolist()) if not math.isnan(k)}
 
 
+def check_update(delta: StateDict) -> None:
+    """Raise :class:`NonFiniteUpdate` if an entry of the update is NaN or inf (before any filter runs)."""
+    for k, t in delta.items():
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteUpdate(f"the update is not finite (NaN/inf in '{k}'); nothing was released")
+
+
 def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights: StateDict, *,
             split: str, evaluate: bool, seed: int, local_state: LocalState | None = None,
-            job_key: tuple[str, str, int] | None = None) -> tuple[Metrics, StateDict | None]:
+            job_key: tuple[str, str, int] | None = None,
+            release: MetricsRelease | None = None) -> tuple[Metrics, StateDict | None]:
     """One job: train (+ optional validation) or evaluate. Returns metrics and the weight delta.
+
+    ``release``: on a budgeted dataset, how the metrics may leave (noised Dice, withheld loss);
+    the returned metrics are already in that form. A DP job's training loss is never reported.
 
     With ``plan.local.keep_local`` (FedBN), the site's own copy of those tensors replaces the
     global ones (from ``local_state`` under ``job_key`` = (experiment, dataset, round)), a train
@@ -318,6 +345,7 @@ def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights
         trained = net.state_dict()
         delta = {k: (torch.zeros(weights[k].shape) if k in keep else trained[k].detach().float().cpu() - weights[k].float())
                  for k in weights}
+        check_update(delta)
         kept = {k: trained[k] for k in keep}
         if carry_dtp:
             kept[DTP_KEY] = _kbar_tensor(dtp_state, len(plan.labels))
@@ -327,8 +355,14 @@ def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights
     else:
         score_split = split
         samples = len(data.splits[split])
-    dice = trainer.evaluate(plan, net, data.splits[score_split], data.present) if score_split else {}
+    dice = trainer.evaluate(plan, net, data.splits[score_split], data.present,
+                            ignore_empty=release is None) if score_split else {}
+    if release is not None:
+        dice = release_dice(dice, release, secure_generator())
     known = [v for v in dice.values() if v is not None]
+    spec = PrivacySpec.parse(plan.privacy)
+    if release is not None or (spec is not None and spec.dp):
+        loss = None  # a statistic of the patients that no noise covers
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     metrics = Metrics(loss=loss, dice=dice, mean_dice=float(np.mean(known)) if known else None,

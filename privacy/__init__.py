@@ -6,9 +6,10 @@ Modules: :mod:`.spec` (the filter chain a plan asks for), :mod:`.mechanisms` (th
 Importing this package does not load Opacus: the accountant imports it on first use.
 """
 
+from .accountant import AccountingError
 from .ledger import BudgetExceeded, Ledger, LedgerError
 from .records import BudgetCheck, BudgetStatus, Estimate, LedgerEntry, LedgerView, Receipt, Refusal
 from .spec import PrivacySpec, PrivacySpecError, TrainingContext
 
-__all__ = ["BudgetCheck", "BudgetExceeded", "BudgetStatus", "Estimate", "Ledger", "LedgerEntry", "LedgerError",
+__all__ = ["AccountingError", "BudgetCheck", "BudgetExceeded", "BudgetStatus", "Estimate", "Ledger", "LedgerEntry", "LedgerError",
            "LedgerView", "PrivacySpec", "PrivacySpecError", "Receipt", "Refusal", "TrainingContext"]

@@ -75,17 +75,45 @@ def epsilon(events: Iterable[GaussianEvent], delta: float, accountant: str = "rd
     # DP release is projected, not at every start.
     from opacus.accountants.analysis import rdp as opacus_rdp
 
-    total = sum(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=list(ORDERS))
-                for (z, q), n in steps.items())
-    eps, _ = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
+    try:
+        total = sum(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=list(ORDERS))
+                    for (z, q), n in steps.items())
+        eps, _ = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
+    except (ArithmeticError, ValueError) as exc:  # a noise multiplier so small that the bound breaks down
+        raise AccountingError(_unaccountable(steps, exc)) from None
+    if not math.isfinite(eps):
+        raise AccountingError(_unaccountable(steps, "the bound is not finite"))
     return float(eps)
+
+
+class AccountingError(ValueError):
+    """Events no epsilon can be stated for (noise so small that the accountant's bound breaks down)."""
+
+
+def _unaccountable(steps: dict[tuple[float, float], int], why) -> str:
+    smallest = min(z for z, _ in steps)
+    return (f"no epsilon can be stated for a noise multiplier of {smallest:g} ({why}); such noise protects "
+            "nothing: use a noise multiplier of 0.3 or more")
+
+
+#: Most grid points the PRV accountant may discretise on (8 bytes each, a few arrays of them). Its
+#: grid grows as the noise shrinks and the steps grow: a noise multiplier of 0.001 asked for tens of
+#: GB and took the node down, so such events are refused here and :func:`tighter_epsilon` keeps RDP.
+PRV_MAX_GRID = 4_000_000
 
 
 def _prv(steps: dict[tuple[float, float], int], delta: float) -> float:
     from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
     acc = PRVAccountant()
     acc.history = [(z, q, n) for (z, q), n in steps.items()]  # Opacus's own (noise, rate, steps) records
+    with np.errstate(divide="ignore", over="ignore"):
+        domain = acc._get_domain(prvs=[PoissonSubsampledGaussianPRV(q, z) for (z, q) in steps],
+                                 num_self_compositions=list(steps.values()), eps_error=PRV_EPS_ERROR,
+                                 delta_error=delta / 1000)
+    if not domain.size <= PRV_MAX_GRID:
+        raise OverflowError(f"the PRV accountant would need a grid of {domain.size} points (limit {PRV_MAX_GRID})")
     # delta_error: Opacus's default (delta / 1000); the returned epsilon is the upper estimate.
     with np.errstate(divide="ignore"):  # log(1 - q) at q = 1 is -inf by design in Opacus's PRV
         return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
@@ -105,5 +133,5 @@ def tighter_epsilon(events: Iterable[GaussianEvent], delta: float) -> float:
         return rdp
     try:
         return min(rdp, epsilon(events, delta, "prv"))
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+    except (ValueError, RuntimeError, ArithmeticError, MemoryError):
         return rdp

@@ -11,6 +11,9 @@ enforced with RDP; receipts also state the tighter PRV figure (see :mod:`.accoun
 
 A DP-SGD job's events depend on the dataset (patients in the train split) and the plan (batch
 size, epochs, steps): the node passes them as a :class:`~.spec.TrainingContext` (``context``).
+On a budgeted dataset the job's metrics are releases too (:class:`~.metrics.MetricsRelease`,
+``metrics``): a noised Dice adds its event to the job's entry, and an evaluate job, which releases
+no update, has an entry of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .accountant import GaussianEvent, epsilon, tighter_epsilon
+from .metrics import MetricsRelease
 from .records import BudgetCheck, BudgetStatus, Estimate, LedgerEntry, LedgerView, Receipt, Refusal
 from .spec import PrivacySpec, TrainingContext
 
@@ -86,6 +90,35 @@ class BudgetExceeded(Exception):
 
 class LedgerError(LookupError):
     """No usable ledger entry for a job (never reserved, or cancelled)."""
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What one job releases, for the ledger: its update's filter chain and its metrics, together."""
+
+    mechanism: str
+    parameters: list[dict]
+    events: list[GaussianEvent]
+    dp: bool
+    delta: float | None
+
+    @classmethod
+    def of(cls, spec: PrivacySpec | None, context: TrainingContext | None = None,
+           metrics: MetricsRelease | None = None) -> Terms:
+        """``spec``: the update's chain (None: no update leaves, or no filter); ``metrics``: on a budgeted dataset."""
+        names = [spec.name] if spec else []
+        params = spec.parameters(context) if spec else []
+        events = spec.events(context) if spec else []  # a bad context raises here, before any transaction
+        dp, delta = bool(spec and spec.dp), spec.delta if spec and spec.dp else None
+        if metrics is not None:
+            if metrics.dice == "noised" or not names:
+                names.append(metrics.mechanism)
+            params = [*params, metrics.model_dump()]
+            events = [*events, *metrics.events()]
+            # A noised Dice is DP on its own; beside an update it is DP only if the update is.
+            dp = dp if spec else metrics.dice == "noised"
+            delta = delta or (metrics.delta if dp else None)
+        return cls("+".join(names) or "none", params, events, dp, delta)
 
 
 @dataclass(frozen=True)
@@ -204,15 +237,20 @@ class Ledger:
         """Epsilon left under the tightest budget that applies (None: no budget applies)."""
         return min((b.remaining for b in self._applicable(dataset, scientist)), default=None)
 
-    def project(self, dataset: str, scientist: str | None, spec: PrivacySpec | None,
+    def applies(self, dataset: str, scientist: str) -> bool:
+        """Whether any budget bounds what ``scientist`` learns about ``dataset`` (then its metrics are releases)."""
+        return bool(self._applicable(dataset, scientist))
+
+    def project(self, dataset: str, scientist: str | None, spec: PrivacySpec | None | Terms,
                 releases: int = 1, context: TrainingContext | None = None) -> list[Check]:
         """The cost of ``releases`` jobs with ``spec`` against every budget that applies to (dataset, scientist)."""
+        terms = spec if isinstance(spec, Terms) else Terms.of(spec, context)
         checks = []
-        new = (spec.events(context) if spec else []) * releases
+        new = terms.events * releases
         for b in self._applicable(dataset, scientist):
             events, all_dp = self._scope(dataset, b.scientist)
             spent = epsilon(events, b.delta) if all_dp else math.inf
-            if spec is None or not spec.dp:
+            if not terms.dp:
                 projected = math.inf
             elif math.isinf(spent):
                 projected = epsilon(new, b.delta)
@@ -222,43 +260,44 @@ class Ledger:
         return checks
 
     def estimate(self, dataset: str, scientist: str, spec: PrivacySpec | None, releases: int = 1,
-                 context: TrainingContext | None = None) -> Estimate:
+                 context: TrainingContext | None = None, metrics: MetricsRelease | None = None) -> Estimate:
         """What ``releases`` more jobs with ``spec`` would cost, and whether each applicable budget allows it."""
         if releases < 1:
             raise ValueError(f"releases must be >= 1, got {releases}")
-        dp = bool(spec and spec.dp)
+        terms = Terms.of(spec, context, metrics)
+        dp = terms.dp
 
         def finite(x: float) -> float | None:
             return None if math.isinf(x) else x
 
         checks = [BudgetCheck(scientist=c.budget.scientist, epsilon=c.budget.epsilon, delta=c.budget.delta,
                               spent=finite(c.spent), projected=finite(c.projected), remaining=c.remaining, fits=c.ok)
-                  for c in self.project(dataset, scientist, spec, releases, context)]
-        return Estimate(dataset=dataset, scientist=scientist, mechanism=spec.name if spec else "none", dp=dp,
-                        releases=releases, delta=spec.delta if dp else None, budgets=checks,
-                        epsilon_per_release=epsilon(spec.events(context), spec.delta) if dp else None,
-                        epsilon_per_release_prv=tighter_epsilon(spec.events(context), spec.delta) if dp else None,
-                        parameters=spec.parameters(context) if spec else [])
+                  for c in self.project(dataset, scientist, terms, releases)]
+        return Estimate(dataset=dataset, scientist=scientist, mechanism=terms.mechanism, dp=dp,
+                        releases=releases, delta=terms.delta, budgets=checks,
+                        epsilon_per_release=epsilon(terms.events, terms.delta) if dp else None,
+                        epsilon_per_release_prv=tighter_epsilon(terms.events, terms.delta) if dp else None,
+                        parameters=terms.parameters)
 
     # entries -----------------------------------------------------------------------------------
     def reserve(self, job_id: str, scientist: str, dataset: str, spec: PrivacySpec | None,
-                context: TrainingContext | None = None) -> LedgerEntry:
+                context: TrainingContext | None = None, metrics: MetricsRelease | None = None) -> LedgerEntry:
         """Check every applicable budget and record the job's spend, atomically; raises BudgetExceeded.
 
         ``context``: the dataset and plan figures a DP-SGD chain's cost depends on (required then).
+        ``metrics``: how the job's metrics leave, when they are releases (a budgeted dataset).
         """
-        mechanism = spec.name if spec else "none"
-        events = spec.events(context) if spec else []  # before the transaction: a bad context raises here
+        terms = Terms.of(spec, context, metrics)
+        mechanism = terms.mechanism
+        eps = epsilon(terms.events, terms.delta) if terms.dp else None  # may refuse: before the transaction
         with self._transaction() as c:
-            failed = [ch for ch in self.project(dataset, scientist, spec, 1, context) if not ch.ok]
+            failed = [ch for ch in self.project(dataset, scientist, terms) if not ch.ok]
             if not failed:
-                params = spec.parameters(context) if spec else []
-                eps = epsilon(events, spec.delta) if spec and spec.dp else None
                 c.execute("INSERT INTO privacy_ledger(job_id, scientist, dataset, state, reserved_at, mechanism, "
                           "parameters, events, dp, epsilon, delta) VALUES (?,?,?,'reserved',?,?,?,?,?,?,?)",
-                          (job_id, scientist, dataset, _now(), mechanism, json.dumps(params),
-                           json.dumps([[e.noise_multiplier, e.sample_rate, e.steps] for e in events]),
-                           int(bool(spec and spec.dp)), eps, spec.delta if spec and spec.dp else None))
+                          (job_id, scientist, dataset, _now(), mechanism, json.dumps(terms.parameters),
+                           json.dumps([[e.noise_multiplier, e.sample_rate, e.steps] for e in terms.events]),
+                           int(terms.dp), eps, terms.delta))
         if failed:
             worst = max(failed, key=lambda ch: ch.spent + ch.projected - ch.budget.epsilon)
             message = worst.message(mechanism)
@@ -331,15 +370,18 @@ class Ledger:
                            delta=r["delta"])
 
     def _receipt(self, r: sqlite3.Row) -> Receipt:
+        """The receipt of an entry; an entry without metrics terms had no budget when it was made."""
         params = json.loads(r["parameters"])
+        release = MetricsRelease.in_parameters(params)
         base = dict(job_id=r["job_id"], dataset=r["dataset"], scientist=r["scientist"], mechanism=r["mechanism"],
-                    parameters=params)
+                    parameters=params, metrics=_metrics_handling(release, bool(r["dp"])))
         if not r["dp"]:
             why = ("no privacy filter was applied" if r["mechanism"] == "none" else
                    f"filter chain {r['mechanism']!r} adds no calibrated noise (percentile sharing alone is a "
                    "heuristic, not DP)")
             return Receipt(**base, dp=False, epsilon=None, delta=None, cumulative_epsilon=None,
-                           note=f"NOT differentially private: {why}. No epsilon is stated because none holds.")
+                           note=f"NOT differentially private: {why}. No epsilon is stated because none holds."
+                                + _metrics_note(release))
         events, all_dp = self._scope(r["dataset"], r["scientist"], up_to_id=r["id"])
         cumulative = epsilon(events, r["delta"]) if all_dp else None
         own = [GaussianEvent(*e) for e in json.loads(r["events"])]
@@ -349,9 +391,12 @@ class Ledger:
                     f"patients at rate {p.get('sample_rate', 0):.4g}, clips each patient's gradient to L2 norm "
                     f"{p['max_grad_norm']:g} and adds Gaussian noise (multiplier {p['noise_multiplier']:g}); the "
                     "unit of privacy is the patient (all of a patient's volumes together).")
-        else:
+        elif r["mechanism"].startswith("gaussian_update"):
             note = ("Gaussian mechanism on the update clipped to L2 norm `clip` (sensitivity 2*clip: one patient "
                     "added, removed or replaced).")
+        else:
+            note = "No update left the node: this release is the job's metrics alone."
+        note += _metrics_note(release)
         note += (" epsilon: Opacus's RDP accountant (budgets use it); epsilon_prv: the tighter PRV accountant. "
                  "Cumulative: every release of this dataset to this scientist so far, at the same delta.")
         if cumulative is None:
@@ -360,3 +405,22 @@ class Ledger:
         return Receipt(**base, dp=True, epsilon=r["epsilon"], delta=r["delta"], cumulative_epsilon=cumulative,
                        epsilon_prv=tighter_epsilon(own, r["delta"]),
                        cumulative_epsilon_prv=tighter_epsilon(events, r["delta"]) if all_dp else None, note=note)
+
+
+def _metrics_handling(release: MetricsRelease | None, dp: bool) -> dict[str, str]:
+    if release is None:  # no budget applied: reported as computed, outside any epsilon (a DP job's loss aside)
+        return {"dice": "exact", "loss": "withheld" if dp else "exact"}
+    return {"dice": release.dice, "loss": release.loss}
+
+
+def _metrics_note(release: MetricsRelease | None) -> str:
+    if release is None:
+        return (" Metrics: no budget applied to this dataset and scientist, so the reported Dice is exact and "
+                "outside any epsilon stated here (the training loss of a DP job is withheld).")
+    how = {"noised": "released with Gaussian noise and accounted in this epsilon", "withheld": "withheld",
+           "not computed": "not computed", "exact": "exact"}
+    text = f" Metrics (the dataset has a budget, so every reported number is a release): Dice {how[release.dice]}"
+    if release.dice == "noised":
+        text += (f" (per-class mean over the {release.split} split, noise std {release.std:.4g} = multiplier "
+                 f"{release.noise_multiplier:g} x L2 sensitivity {release.sensitivity:.4g}; clipped to [0, 1])")
+    return text + f"; training loss {how[release.loss]}."

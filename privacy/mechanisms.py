@@ -42,38 +42,87 @@ def secure_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
+class NonFiniteUpdate(ValueError):
+    """An update (or a filter's parameter) with NaN or inf entries: no clip can bound it, so nothing is released."""
+
+
+#: Dtypes the filters take; anything else (ints, bool, complex, float8) is refused.
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest clip or noise std a filter accepts: the float32 output must stay finite.
+MAX_PARAMETER = 1e30
+
+
 def _check(update: Update) -> None:
-    bad = [k for k, t in update.items() if not t.is_floating_point()]
+    """Refuse dtypes other than :data:`FLOATS` (TypeError) and non-finite entries (:class:`NonFiniteUpdate`)."""
+    bad = [f"{k} ({t.dtype})" for k, t in update.items() if t.dtype not in FLOATS]
     if bad:
-        raise TypeError(f"privacy filters need floating-point tensors; not so: {bad[:5]}")
+        raise TypeError(f"privacy filters need floating-point tensors (float16/bfloat16/float32/float64); "
+                        f"not so: {bad[:5]}")
+    for k, t in update.items():
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteUpdate(f"update tensor '{k}' has non-finite entries (NaN or inf); nothing was released")
+
+
+def _param(name: str, value: float, *, zero: bool = False) -> float:
+    v = float(value)
+    if not ((0 <= v if zero else 0 < v) and v <= MAX_PARAMETER):  # also refuses NaN and inf
+        raise NonFiniteUpdate(f"{name} must be a number in {'[' if zero else '('}0, {MAX_PARAMETER:g}], "
+                              f"not {value!r}")
+    return v
+
+
+def _float32(update: Update) -> Update:
+    """The (checked) update as float32, every filter's output, refusing entries beyond float32's range."""
+    out = {k: t.float() for k, t in update.items()}
+    for k, t in out.items():
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteUpdate(f"update tensor '{k}' has entries beyond float32's range; nothing was released")
+    return out
+
+
+def _norm_parts(update: Update) -> tuple[float, float]:
+    """(m, r) with norm = m * r: m the largest magnitude, r = norm / m in [1, sqrt(entries)], in float64,
+    so huge finite entries cannot overflow."""
+    m = max((float(t.detach().abs().max()) for t in update.values() if t.numel()), default=0.0)
+    if m == 0 or not math.isfinite(m):
+        return m, 1.0
+    return m, math.sqrt(sum(float((t.detach().double() / m).pow(2).sum()) for t in update.values()))
 
 
 def l2_norm(update: Update) -> float:
-    """Global L2 norm of all entries of all tensors (accumulated in float64)."""
-    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in update.values()))
+    """Global L2 norm of all entries of all tensors (NaN or inf if an entry is, or if it exceeds float64)."""
+    m, r = _norm_parts(update)
+    return m * r
 
 
 def clip(update: Update, max_norm: float) -> Update:
-    """The update scaled so that its global L2 norm is at most ``max_norm``."""
+    """The update scaled so that its global L2 norm is at most ``max_norm`` (float32 out)."""
     _check(update)
-    scale = min(1.0, max_norm / (l2_norm(update) + 1e-12))
-    return {k: t * scale for k, t in update.items()}
+    max_norm = _param("clip", max_norm)
+    m, r = _norm_parts(update)
+    scale = 1.0 if m == 0 else min(1.0, (max_norm / m) / (r * (1 + 1e-12)))
+    if scale == 1.0:
+        return _float32(update)
+    return _float32({k: t.double() * scale for k, t in update.items()})
 
 
 def gaussian_update(update: Update, *, clip_norm: float, noise_multiplier: float,
                     generator: torch.Generator) -> Update:
-    """Clip to global L2 norm ``clip_norm``, then add N(0, (noise_multiplier * clip_norm)^2) to every entry."""
-    std = noise_multiplier * clip_norm
-    return {k: t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device)
-            for k, t in clip(update, clip_norm).items()}
+    """Clip to global L2 norm ``clip_norm``, then add N(0, (noise_multiplier * clip_norm)^2) to every entry
+    (float32 out)."""
+    std = _param("noise std (noise_multiplier * clip)",
+                 _param("noise_multiplier", noise_multiplier, zero=True) * _param("clip", clip_norm), zero=True)
+    return _float32({k: t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device)
+                     for k, t in clip(update, clip_norm).items()})
 
 
 def percentile(update: Update, *, fraction: float) -> Update:
     """Keep the ``ceil(fraction * n)`` entries of largest magnitude across the whole update; zero the rest."""
     _check(update)
+    update = _float32(update)
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    flat = torch.cat([t.detach().reshape(-1).abs().float().cpu() for t in update.values()]) if update else None
+    flat = torch.cat([t.detach().reshape(-1).abs().cpu() for t in update.values()]) if update else None
     if flat is None or flat.numel() == 0:
         return dict(update)
     k = math.ceil(fraction * flat.numel())
@@ -82,7 +131,7 @@ def percentile(update: Update, *, fraction: float) -> Update:
     out, start = {}, 0
     for name, t in update.items():
         n = t.numel()
-        out[name] = t * keep[start:start + n].reshape(t.shape).to(t.device)
+        out[name] = torch.where(keep[start:start + n].reshape(t.shape).to(t.device), t, 0.0)
         start += n
     return out
 
@@ -97,7 +146,8 @@ def distributed_share(weight: float, max_weight: float, threshold: int) -> float
     most ``2 * C * w_i <= 2 * C * max_weight``: the sum is the filter's Gaussian mechanism. A node of
     weight 0 contributes nothing (its weighted update is zero) and adds no noise.
     """
-    if threshold < 1 or max_weight <= 0 or weight < 0 or weight > max_weight:
+    if threshold < 1 or not (math.isfinite(weight) and math.isfinite(max_weight)) or max_weight <= 0 \
+            or weight < 0 or weight > max_weight:
         raise ValueError(f"distributed noise needs 0 <= weight <= max_weight and threshold >= 1, got weight "
                          f"{weight}, max_weight {max_weight}, threshold {threshold}")
     return 0.0 if weight == 0 else max_weight / (weight * math.sqrt(threshold))
@@ -109,7 +159,9 @@ def apply_filters(spec: PrivacySpec, update: Update, generator: torch.Generator,
 
     ``noise_share``: for a ``distributed`` Gaussian filter, the fraction of its noise std this node
     adds (:func:`distributed_share`); such a filter without one is refused.
+    Refuses a non-finite update (:class:`NonFiniteUpdate`) and non-float dtypes before any filter runs.
     """
+    _check(update)
     for f in spec.filters:
         if isinstance(f, GaussianUpdate):
             share = 1.0

@@ -32,6 +32,9 @@ class Receipt(_Record):
     epsilon_prv: float | None = Field(None, description="this release alone by the tighter PRV accountant "
                                                         "(the smaller of PRV and RDP); None when dp is false")
     cumulative_epsilon_prv: float | None = Field(None, description="cumulative_epsilon by the PRV accountant")
+    metrics: dict[str, str] = Field(default_factory=dict, description=(
+        "how each reported metric left: 'noised' (Gaussian noise, accounted in epsilon), 'withheld', "
+        "'not computed', or 'exact' (no budget applied: outside any epsilon)"))
     note: str
 
     @model_validator(mode="after")

@@ -68,7 +68,7 @@ def _expired_cert(ca, host="localhost"):
 
 def test_healthy_home_passes(home):
     checks = doctor.diagnose(home)
-    assert [c.name for c in checks] == ["config", "certificate", "key", "store", "grid", "gpu", "disk"]
+    assert [c.name for c in checks] == ["config", "certificate", "key", "store", "grid", "gpu", "disk", "storage"]
     assert not doctor.failed(checks), [c.line() for c in checks]
     c = by_name(checks)
     assert all(c[n].status == "ok" for n in ("config", "certificate", "key", "store", "grid")), checks
@@ -77,7 +77,7 @@ def test_healthy_home_passes(home):
     # through the command: one line per check, and --json; exit status 0
     r = vx("node", "doctor", "--home", home)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [line.split()[1] for line in r.stdout.splitlines()[:7]] == [x.name for x in checks]
+    assert [line.split()[1] for line in r.stdout.splitlines()[:8]] == [x.name for x in checks]
     assert r.stdout.splitlines()[-1].endswith("0 fail")
 
 

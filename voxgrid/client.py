@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
 
 import httpx
@@ -45,11 +46,18 @@ class RequestRefused(RemoteError, ValueError):
     """413/422: the request (a plan, a job, weights) was refused as invalid."""
 
 
+class TooManyRequests(RemoteError):
+    """429: the caller has too many long-polls waiting at the node; ``retry_after`` seconds is a fair pause."""
+
+    retry_after: float = 1.0
+
+
 class Unreachable(VoxgridError, ConnectionError):
     """The server could not be reached (down, wrong address, TLS failure)."""
 
 
-_ERRORS = {401: AuthError, 403: AccessRefused, 404: NotFoundError, 413: RequestRefused, 422: RequestRefused}
+_ERRORS = {401: AuthError, 403: AccessRefused, 404: NotFoundError, 413: RequestRefused, 422: RequestRefused,
+           429: TooManyRequests}
 
 
 def _verify(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext | bool:
@@ -86,7 +94,10 @@ class _Client:
                 title, detail = p.title, p.detail
             except ValueError:
                 title, detail = r.reason_phrase, r.text[:500]
-            raise _ERRORS.get(r.status_code, RemoteError)(self.url, r.status_code, title, detail)
+            error = _ERRORS.get(r.status_code, RemoteError)(self.url, r.status_code, title, detail)
+            if isinstance(error, TooManyRequests) and r.headers.get("retry-after", "").isdigit():
+                error.retry_after = float(r.headers["retry-after"])
+            raise error
         if model is None:
             return r.content
         if isinstance(model, type) and issubclass(model, BaseModel):
@@ -128,8 +139,19 @@ class NodeClient(_Client):
         return self._post("/jobs", req, JobStatus)
 
     def job(self, job_id: str, wait: float = 0.0) -> JobStatus:
-        return self._call("GET", f"/jobs/{job_id}", JobStatus, params={"wait": wait},
-                          timeout=httpx.Timeout(self._http.timeout.read + wait) if wait else None)
+        """The job's status; with ``wait``, long-poll up to that many seconds for it to end. A node bounds
+        each caller's concurrent long-polls: past the bound this pauses as the node asks, then polls."""
+        try:
+            return self._call("GET", f"/jobs/{job_id}", JobStatus, params={"wait": wait},
+                              timeout=httpx.Timeout(self._http.timeout.read + wait) if wait else None)
+        except TooManyRequests as exc:
+            time.sleep(min(exc.retry_after, wait))
+            return self._call("GET", f"/jobs/{job_id}", JobStatus, params={"wait": 0})
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued or running job (a scientist its own, the owner any); it ends failed with
+        "cancelled by ..." as its error. A finished job is returned as it is."""
+        return self._call("DELETE", f"/jobs/{job_id}", JobStatus)
 
     def update(self, job_id: str) -> bytes:
         return self._call("GET", f"/jobs/{job_id}/update")

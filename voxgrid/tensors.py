@@ -18,6 +18,13 @@ class TensorsError(ValueError):
     """A blob that is not a valid safetensors state dict."""
 
 
+#: Largest safetensors header accepted (a 3D UNet's state dict has a few KB of header).
+MAX_HEADER_BYTES = 1 << 20
+#: Dtypes a network's state dict can take (floats; ints for counters such as num_batches_tracked).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                 torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def dumps(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise a state dict (tensors moved to CPU, made contiguous) to safetensors bytes."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -25,11 +32,30 @@ def dumps(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = N
 
 
 def loads(data: bytes) -> StateDict:
-    """Parse safetensors bytes; raises :class:`TensorsError` naming the problem."""
+    """Parse safetensors bytes; raises :class:`TensorsError` naming the problem.
+
+    The header's length (first 8 bytes, little-endian) is checked against :data:`MAX_HEADER_BYTES`
+    before anything is parsed.
+    """
+    if len(data) >= 8:
+        size = int.from_bytes(data[:8], "little")
+        if size > MAX_HEADER_BYTES:
+            raise TensorsError(f"the safetensors header is {size} bytes; the limit is {MAX_HEADER_BYTES} bytes")
     try:
         return _st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise TensorsError(f"not a valid safetensors blob ({len(data)} bytes): {exc}") from exc
+
+
+def check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`TensorsError` naming the first tensor whose dtype a network cannot take
+    (:data:`WEIGHT_DTYPES`) or with an entry that is NaN, inf or beyond float32's range."""
+    for k, t in state.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            raise TensorsError(f"weights '{k}': dtype {t.dtype} is not accepted "
+                               f"(one of {', '.join(str(d).removeprefix('torch.') for d in WEIGHT_DTYPES)})")
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            raise TensorsError(f"weights '{k}' have non-finite entries (NaN, inf, or beyond float32's range)")
 
 
 def digest(data: bytes) -> str:

@@ -1,0 +1,210 @@
+"""What one plan may ask of a node: the owner's job limits, checked at submit and enforced while it runs.
+
+A plan is data, but data can still ask for a 1024^3 patch, a million optimiser steps or a network
+too wide for the machine. The owner sets :class:`JobLimits` in ``node.json`` (``voxgrid node
+limits``); the node refuses a plan over them when it arrives (422 naming the field, the value and
+the limit), stops a job past its wall time or a worker past its memory limit, and hands jobs to
+the worker fairly (:class:`FairQueue`), so one scientist's queue cannot starve another's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from voxgrid.plan import Plan
+
+
+class JobLimits(BaseModel):
+    """The node owner's limits on one job (defaults admit every plan the demo, notebooks, benchmarks
+    and tests use, with room; a site tightens or widens them with ``voxgrid node limits``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: plan.patch_size: voxels in one patch (128^3; the repository's plans use at most 64^3)
+    max_patch_voxels: int = Field(128 ** 3, ge=1)
+    #: plan.batch_size and plan.sw_batch_size
+    max_batch_size: int = Field(32, ge=1)
+    max_sw_batch_size: int = Field(16, ge=1)
+    #: plan.samples_per_volume: patches cropped (and held in memory) per volume and epoch
+    max_samples_per_volume: int = Field(32, ge=1)
+    #: optimiser steps of one train job: local_epochs x steps per epoch on this node's train split
+    max_steps_per_job: int = Field(10_000, ge=1)
+    #: parameters of the plan's network (100 M: 400 MB of float32 weights)
+    max_parameters: int = Field(100_000_000, ge=1)
+    #: wall time of one job in the worker, loading its volumes included
+    max_job_seconds: float = Field(3600.0, gt=0)
+    #: resident memory of the worker process and its children, in MiB; None: 75% of this machine's memory
+    max_worker_memory_mb: int | None = Field(None, ge=64)
+    #: jobs one scientist may have queued or running at once
+    max_queued_jobs: int = Field(100, ge=1)
+    #: times a job that was running when the node stopped is run again before it is failed
+    max_job_restarts: int = Field(1, ge=0)
+
+    @classmethod
+    def parse(cls, data: dict | None) -> JobLimits:
+        """From ``node.json``'s ``limits`` section; ValueError naming the bad key."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"limits.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in exc.errors())) from None
+
+    def worker_memory_bytes(self) -> int:
+        if self.max_worker_memory_mb is not None:
+            return self.max_worker_memory_mb * 2 ** 20
+        return int(0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class LimitExceeded(ValueError):
+    """A plan over one of the node's limits; the message names the field, the value and the limit."""
+
+
+def planned_steps(plan: Plan, volumes: Iterable[Any]) -> int:
+    """Optimiser steps a train job of ``plan`` runs on a dataset with these volume records (objects or
+    dicts with ``split``, ``case_id``, optional ``patient``), as the trainer schedules them."""
+    from voxgrid.privacy import PrivacySpec, TrainingContext
+
+    vols = [SimpleNamespace(**v) if isinstance(v, dict) else v for v in volumes]
+    spec = PrivacySpec.parse(plan.privacy)
+    if spec is not None and spec.dp_sgd is not None:
+        return spec.dp_sgd.schedule(TrainingContext.of(plan, vols))[1]
+    n_train = sum(v.split == "train" for v in vols)
+    per_epoch = plan.steps_per_epoch or math.ceil(n_train * plan.samples_per_volume / plan.batch_size)
+    return plan.local_epochs * per_epoch
+
+
+_PARAMS: OrderedDict[str, int] = OrderedDict()
+_PARAMS_LOCK = threading.Lock()
+
+
+def parameter_count(plan: Plan) -> int:
+    """Parameters of the plan's network, built on torch's meta device (no memory); cached by plan hash."""
+    import torch
+
+    from voxgrid.plan import build_network
+
+    key = plan.content_hash
+    with _PARAMS_LOCK:
+        if key in _PARAMS:
+            return _PARAMS[key]
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_network(plan).parameters())
+    with _PARAMS_LOCK:
+        _PARAMS[key] = n
+        while len(_PARAMS) > 256:
+            _PARAMS.popitem(last=False)
+    return n
+
+
+def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str = "train") -> None:
+    """Raise :class:`LimitExceeded` for the first of the plan's fields over the node's limits."""
+    voxels = math.prod(plan.patch_size)
+    checks = [("plan.patch_size", voxels, limits.max_patch_voxels, f"{'x'.join(map(str, plan.patch_size))} = "
+                                                                    f"{voxels} voxels"),
+              ("plan.batch_size", plan.batch_size, limits.max_batch_size, None),
+              ("plan.sw_batch_size", plan.sw_batch_size, limits.max_sw_batch_size, None),
+              ("plan.samples_per_volume", plan.samples_per_volume, limits.max_samples_per_volume, None)]
+    for field, value, limit, shown in checks:
+        if value > limit:
+            raise LimitExceeded(f"{field}: {shown or value} is over this node's limit of {limit}")
+    if kind == "train":
+        steps = planned_steps(plan, volumes)
+        if steps > limits.max_steps_per_job:
+            raise LimitExceeded(f"plan.local_epochs/steps_per_epoch: {steps} optimiser steps on this dataset "
+                                f"(local_epochs {plan.local_epochs}) is over this node's limit of "
+                                f"{limits.max_steps_per_job} steps per job")
+    params = parameter_count(plan)
+    if params > limits.max_parameters:
+        raise LimitExceeded(f"plan.network: {params} parameters is over this node's limit of {limits.max_parameters}")
+
+
+@dataclass
+class Queued:
+    job_id: str
+    scientist: str
+    item: Any
+
+
+class FairQueue:
+    """Jobs waiting for the worker: round-robin across scientists, first in first out within one.
+
+    Not thread-safe; the executor holds its lock around every call.
+    """
+
+    def __init__(self) -> None:
+        self._by: OrderedDict[str, deque[Queued]] = OrderedDict()
+
+    def put(self, job_id: str, scientist: str, item: Any) -> None:
+        self._by.setdefault(scientist, deque()).append(Queued(job_id, scientist, item))
+
+    def pop(self) -> Queued | None:
+        """The next job: the first of the scientist whose turn it is; that scientist then goes last."""
+        if not self._by:
+            return None
+        scientist, jobs = next(iter(self._by.items()))
+        entry = jobs.popleft()
+        del self._by[scientist]
+        if jobs:
+            self._by[scientist] = jobs
+        return entry
+
+    def remove(self, job_id: str) -> Queued | None:
+        for scientist, jobs in self._by.items():
+            for entry in jobs:
+                if entry.job_id == job_id:
+                    jobs.remove(entry)
+                    if not jobs:
+                        del self._by[scientist]
+                    return entry
+        return None
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by.values()))
+
+    def __bool__(self) -> bool:
+        return bool(self._by)
+
+    def job_ids(self) -> list[str]:
+        return [e.job_id for jobs in self._by.values() for e in jobs]
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (Linux /proc; 0 where it cannot be read)."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants, children first (the order to kill them in)."""
+    return [*reversed(_descendants(pid)), pid]
