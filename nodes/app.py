@@ -7,10 +7,10 @@ from starlette.concurrency import run_in_threadpool
 
 import voxgrid
 from voxgrid.privacy import BudgetStatus
-from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
-                          EstimateRequest, Health, JobRequest, JobStatus, LedgerView, NodeInfo, Problem, RevealedShare,
-                          RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
-                          TokenIssued, WeightsRef, WhoAmI)
+from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo,
+                          EncryptedShare, Estimate, EstimateRequest, Health, JobRequest, JobStatus, LedgerView,
+                          NodeInfo, Problem, RevealedShare, RevealRequest, SecAggKeysRequest, SecAggMaskedRequest,
+                          SecAggSharesRequest, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 from .http import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
 from .service import NodeService

@@ -78,6 +78,7 @@ LIMIT_FLAGS = (("--max-patch-voxels", int, "voxels in one patch (default 128^3 =
                ("--max-samples-per-volume", int, "plan.samples_per_volume (default 32)"),
                ("--max-steps-per-job", int, "optimiser steps of one train job (default 10000)"),
                ("--max-parameters", int, "parameters of the plan's network (default 100000000)"),
+               ("--max-network-levels", int, "entries of any list in plan.network, e.g. UNet channels (default 16)"),
                ("--max-job-seconds", float, "wall time of one job (default 3600)"),
                ("--max-worker-memory-mb", int, "resident memory of the executor in MiB (default: 75%% of RAM)"),
                ("--max-queued-jobs", int, "jobs one scientist may have queued or running (default 100)"),
@@ -97,7 +98,8 @@ def _add_limits(node) -> None:
     _home_arg(p, "node")
     for flag, kind, text in LIMIT_FLAGS:
         p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--reset", action="append", metavar="NAME", help="return a limit to its default, e.g. max-job-seconds")
+    p.add_argument("--reset", action="append", metavar="NAME",
+                   help="return a limit to its default, e.g. max-job-seconds (repeatable)")
     p.set_defaults(func=_limits)
     p = node.add_parser("cancel", help="cancel a queued or running job (any scientist's)")
     _home_arg(p, "node")

@@ -37,6 +37,7 @@ class _Running:
     job_id: str
     scientist: str
     since: float  # time.monotonic() when it was handed to the worker
+    stopping: bool = False  # its worker was killed; the reader is about to fail it
 
 
 class Executor:
@@ -109,7 +110,7 @@ class Executor:
         """Hand the worker the next job whenever it is ready and idle."""
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._closing or (self._current is None and self._queue and self.ready.is_set()))
+                self._cv.wait_for(self._can_dispatch)
                 if self._closing:
                     return
                 entry = self._queue.pop()
@@ -126,6 +127,9 @@ class Executor:
                 conn.send_bytes(blob)
             except (OSError, ValueError):
                 pass  # the worker is gone: its reader fails the job and starts a new one
+
+    def _can_dispatch(self) -> bool:
+        return self._closing or (self._current is None and bool(self._queue) and self.ready.is_set())
 
     def _finish(self, job_id: str, msg: dict) -> None:
         self.on_event(msg)  # the job's end is recorded before the next one can start or be cancelled
@@ -176,6 +180,9 @@ class Executor:
             if job_id is not None and (cur is None or cur.job_id != job_id):
                 return False
             if cur is not None:
+                if cur.stopping:
+                    return True
+                cur.stopping = True
                 self._reasons[cur.job_id] = reason
             pids = process_tree(self._proc.pid) if self._proc.pid else []
         log.warning("stopping the executor: %s", reason)
@@ -196,11 +203,12 @@ class Executor:
             if cur is not None and time.monotonic() - cur.since > limit_s:
                 self._kill(cur.job_id, f"job stopped: it exceeded the node's wall-time limit of {limit_s:g} s")
                 continue
-            rss = tree_rss(pid) if pid else 0
+            # Only while a job runs: a worker whose baseline is over the limit fails jobs, it does not loop.
+            rss = tree_rss(pid) if pid and cur is not None else 0
             if rss > self._memory:
                 mb = self._memory // 2 ** 20
-                self._kill(None, f"job stopped: the executor exceeded the node's memory limit of {mb} MiB "
-                                 f"({rss // 2 ** 20} MiB resident)")
+                self._kill(cur.job_id, f"job stopped: the executor exceeded the node's memory limit of {mb} MiB "
+                                       f"({rss // 2 ** 20} MiB resident)")
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:

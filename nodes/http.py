@@ -54,7 +54,8 @@ class Guard:
     exempt from the in-flight bound (long-polls, which hold no thread and are bounded by the service).
     """
 
-    def __init__(self, app, authenticate: Callable[[str | None], Caller], limits: dict[tuple[str, str], int] | None = None,
+    def __init__(self, app, authenticate: Callable[[str | None], Caller],
+                 limits: dict[tuple[str, str], int] | None = None,
                  unbounded: Callable[[dict], bool] = lambda scope: False, per_caller: int = MAX_INFLIGHT_PER_CALLER):
         self.app, self.authenticate, self.limits = app, authenticate, limits or {}
         self.unbounded, self.per_caller = unbounded, per_caller
@@ -70,7 +71,8 @@ class Guard:
         try:
             caller = await anyio.to_thread.run_sync(self.authenticate, token, limiter=self._auth_limiter)
         except ServiceError as exc:
-            return await problem(exc.status, exc.title, exc.detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            refusal = problem(exc.status, exc.title, exc.detail, {"WWW-Authenticate": "Bearer"})
+            return await refusal(scope, receive, send)
         scope.setdefault("state", {})["caller"] = caller
         limit = self.limits.get((scope["method"], scope["path"]), JSON_BODY_LIMIT)
         length = headers.get("content-length")
@@ -115,7 +117,8 @@ def install_problem_handlers(app: FastAPI, authenticate: Callable[[str | None], 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        title = {405: "Method not allowed", 404: "Not found", 413: "Request too large"}.get(exc.status_code, "HTTP error")
+        titles = {404: "Not found", 405: "Method not allowed", 413: "Request too large"}
+        title = titles.get(exc.status_code, "HTTP error")
         return problem(exc.status_code, title, str(exc.detail), exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(Exception)

@@ -40,10 +40,12 @@ class JobLimits(BaseModel):
     max_steps_per_job: int = Field(10_000, ge=1)
     #: parameters of the plan's network (100 M: 400 MB of float32 weights)
     max_parameters: int = Field(100_000_000, ge=1)
+    #: entries of any list in plan.network (UNet's channels, strides: its depth); checked before it is built
+    max_network_levels: int = Field(16, ge=1)
     #: wall time of one job in the worker, loading its volumes included
     max_job_seconds: float = Field(3600.0, gt=0)
     #: resident memory of the worker process and its children, in MiB; None: 75% of this machine's memory
-    max_worker_memory_mb: int | None = Field(None, ge=64)
+    max_worker_memory_mb: int | None = Field(None, ge=256)
     #: jobs one scientist may have queued or running at once
     max_queued_jobs: int = Field(100, ge=1)
     #: times a job that was running when the node stopped is run again before it is failed
@@ -122,6 +124,10 @@ def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str 
             raise LimitExceeded(f"plan.local_epochs/steps_per_epoch: {steps} optimiser steps on this dataset "
                                 f"(local_epochs {plan.local_epochs}) is over this node's limit of "
                                 f"{limits.max_steps_per_job} steps per job")
+    for key, value in plan.network.items():
+        if isinstance(value, list) and len(value) > limits.max_network_levels:
+            raise LimitExceeded(f"plan.network.{key}: {len(value)} entries is over this node's limit of "
+                                f"{limits.max_network_levels}")
     params = parameter_count(plan)
     if params > limits.max_parameters:
         raise LimitExceeded(f"plan.network: {params} parameters is over this node's limit of {limits.max_parameters}")

@@ -11,7 +11,7 @@ import pytest
 
 import voxgrid
 from voxgrid import tensors
-from voxgrid.client import AccessRefused, NodeClient
+from voxgrid.client import AccessRefused, NodeClient, RequestRefused
 from voxgrid.datasets import default_sites
 from voxgrid.nodes.federation import LocalFederation
 from voxgrid.plan import initial_weights
@@ -77,3 +77,18 @@ def test_metrics_of_a_budgeted_dataset_are_releases(site):
     assert train.privacy.metrics == {"dice": "noised", "loss": "withheld"}
     released = [e for e in owner.ledger().entries if e.state == "released"]
     assert [e.mechanism for e in released] == ["gaussian_dice", "gaussian_dice", "gaussian_update+gaussian_dice"]
+
+
+@pytest.mark.parametrize("noise", [1e-3, 1e-300])
+def test_a_tiny_noise_multiplier_is_accounted_or_refused_never_a_crash(site, noise):
+    """Once a 500 from the accountant (1e-300), or tens of GB asked of the PRV accountant (1e-3)."""
+    pointer, owner = site
+    tiny = {**GAUSS, "noise_multiplier": noise}
+    try:
+        est = pointer.client.privacy_estimate(pointer.name, tiny)
+        assert est.epsilon_per_release > 1e4 and not est.budgets[0].fits  # stated, and no budget admits it
+    except RequestRefused as exc:
+        assert exc.status == 422 and "no epsilon can be stated for a noise multiplier" in str(exc)
+    with pytest.raises((RequestRefused, AccessRefused)):
+        _submit(pointer, kind="train", privacy=tiny)
+    assert owner.health().status == "ok"

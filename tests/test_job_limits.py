@@ -4,6 +4,7 @@ The real-process version, over HTTPS with a live worker, is in test_hostile_jobs
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ VOLUMES = [VolumeRecord(f"c{i}", f"/x/c{i}.nii.gz", None, "nifti", s)
 
 
 def small_plan(**kw):
-    return unet_plan(["background", "pancreas"], channels=(4, 8), strides=(2,), num_res_units=0, **kw)
+    return unet_plan(["background", "pancreas"], **{"channels": (4, 8), "strides": (2,), "num_res_units": 0, **kw})
 
 
 # the fair queue -------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def test_default_limits_admit_the_plans_the_repository_uses():
     ({"samples_per_volume": 10_000}, "plan.samples_per_volume: 10000"),
     ({"local_epochs": 1_000_000}, "plan.local_epochs/steps_per_epoch: 6000000 optimiser steps"),
     ({"local_epochs": 2, "steps_per_epoch": 9000}, "18000 optimiser steps"),
+    ({"channels": [4] * 400, "strides": [1] * 399}, "plan.network.channels: 400 entries"),
 ])
 def test_a_plan_over_a_limit_is_refused_naming_the_field_the_value_and_the_limit(change, field):
     with pytest.raises(LimitExceeded, match="over this node's limit of") as err:
@@ -216,3 +218,45 @@ def test_the_owner_sets_limits_in_the_home(tmp_path, node):
         admin.set_limits(home, max_job_seconds=0)
     with pytest.raises(ValueError, match="unknown limit"):
         admin.set_limits(home, max_gpus=1)
+
+
+def test_the_owners_commands_set_limits_and_cancel_a_job_of_a_stopped_node(node, capsys):
+    from voxgrid.cli import main
+
+    home = str(node.home.path)
+    assert main(["node", "limits", "--home", home, "--max-job-seconds", "90", "--max-patch-voxels", "262144"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_job_seconds"] == 90 and out["max_patch_voxels"] == 64 ** 3
+    assert main(["node", "limits", "--home", home, "--reset", "max-job-seconds"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_job_seconds"] == 3600
+    assert main(["node", "limits", "--home", home, "--max-batch-size", "0"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    job = node.submit(BOB, request(node, BOB))
+    assert main(["node", "cancel", "--home", home, job.job_id]) == 0  # no run.json: straight to the store
+    out = json.loads(capsys.readouterr().out)
+    assert out["state"] == "failed" and out["error"] == "cancelled by owner (the node's owner)"
+    assert main(["node", "cancel", "--home", home, "nope"]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err
+
+
+def test_resident_memory_counts_a_process_and_its_children():
+    import subprocess
+    import sys
+    import time
+
+    from voxgrid.nodes.limits import process_tree, tree_rss
+
+    code = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'x = bytearray(64 << 20); " \
+           "import time; time.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while tree_rss(parent.pid) < 64 << 20:  # the child's 64 MiB count towards the parent's tree
+            assert time.monotonic() < deadline, tree_rss(parent.pid)
+            time.sleep(0.1)
+        assert len(process_tree(parent.pid)) == 2 and process_tree(parent.pid)[-1] == parent.pid
+    finally:
+        for pid in process_tree(parent.pid):
+            os.kill(pid, 9)
+        parent.wait()
+    assert tree_rss(2 ** 22 + 1) == 0  # no such process

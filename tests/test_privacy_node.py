@@ -67,7 +67,8 @@ def test_a_bad_privacy_spec_is_refused_naming_the_field(node):
 
 def test_a_job_within_budget_is_released_with_a_receipt(node):
     node.set_budget(OWNER, BudgetSet(dataset="ct", scientist="alice", epsilon=10.0, delta=1e-5))
-    job = node.submit(ALICE, request(node, GAUSS))
+    # evaluate=False: the update alone (a validation Dice on a budgeted dataset costs its own noise)
+    job = node.submit(ALICE, request(node, GAUSS).model_copy(update={"evaluate": False}))
     assert node.ledger.entry(job.job_id).state == "reserved" and node.executor.jobs == [job.job_id]
     assert node.job_status(ALICE, job.job_id).privacy is None  # nothing released yet
     finish(node, job.job_id)
