@@ -283,7 +283,7 @@ class Sweeper(threading.Thread):
     def __init__(self, sweep: Callable[[], object], interval: float):
         super().__init__(daemon=True, name="storage-sweeper")
         self._sweep, self.interval = sweep, interval
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         while True:
@@ -291,11 +291,11 @@ class Sweeper(threading.Thread):
                 self._sweep()
             except Exception:  # noqa: BLE001 - a full disk or a locked database must not stop the node
                 log.exception("storage sweep failed; trying again in %.0f s", self.interval)
-            if self._stop.wait(self.interval):
+            if self._stopping.wait(self.interval):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=30)
 
 

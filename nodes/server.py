@@ -15,6 +15,7 @@ import uvicorn
 from voxgrid.client import GridClient, VoxgridError
 
 from .home import Home
+from .protocol import BoundedHttpProtocol
 
 log = logging.getLogger("voxgrid.server")
 
@@ -22,7 +23,7 @@ log = logging.getLogger("voxgrid.server")
 def _serve(app, home: Home, host: str, port: int, on_listening) -> None:
     config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(home.tls / "server.crt"),
                             ssl_keyfile=str(home.tls / "server.key"), log_level="warning", access_log=False,
-                            timeout_keep_alive=120, timeout_graceful_shutdown=2)
+                            timeout_keep_alive=120, timeout_graceful_shutdown=2, http=BoundedHttpProtocol)
     server = uvicorn.Server(config)
 
     def announce():
