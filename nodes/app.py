@@ -1,5 +1,7 @@
 """HTTPS routes of a data node: thin adapters over :class:`~voxgrid.nodes.service.NodeService`."""
 
+import asyncio
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Request, Response
@@ -16,6 +18,23 @@ from .http import ERRORS, caller_dependency, install_problem_handlers, job_long_
 from .service import NodeService
 
 OCTETS = "application/octet-stream"
+#: Weights uploads read at once, node-wide and per caller: each holds its body (up to 512 MiB) and the
+#: parsed tensors in memory, so eight parallel uploads of one scientist once meant 8 GB.
+MAX_UPLOADS, MAX_UPLOADS_PER_CALLER = 4, 1
+
+
+class UploadSlots:
+    """Bounds concurrent uploads; a caller's further uploads wait their turn, holding no body."""
+
+    def __init__(self):
+        self._all = asyncio.Semaphore(MAX_UPLOADS)
+        self._mine: dict[str, asyncio.Semaphore] = {}
+
+    @asynccontextmanager
+    async def slot(self, caller):
+        mine = self._mine.setdefault(caller.name, asyncio.Semaphore(MAX_UPLOADS_PER_CALLER))
+        async with mine, self._all:
+            yield
 OCTET_RESPONSE = {200: {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
@@ -55,11 +74,14 @@ def create_app(service: NodeService) -> FastAPI:
     def dataset_data(name: str, c: Who):
         service.dataset_data(c, name)
 
+    uploads = UploadSlots()
+
     @app.put(f"{p}/weights", response_model=WeightsRef)
     async def put_weights(request: Request, c: Who):
         service.require(c, "scientist", "owner")
-        data = await read_body(request)
-        return await run_in_threadpool(service.put_weights, c, data)  # hashing 512 MiB must not stall the loop
+        async with uploads.slot(c):
+            data = await read_body(request)
+            return await run_in_threadpool(service.put_weights, c, data)  # hashing 512 MiB must not stall the loop
 
     @app.post(f"{p}/jobs", response_model=JobStatus)
     def submit(req: JobRequest, c: Who):

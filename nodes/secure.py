@@ -21,8 +21,10 @@ from voxgrid.privacy.secagg import SecAggClient, SecAggConfig, SecAggError, pack
 from voxgrid.wire import (AdvertisedKeys, EncryptedShare, JobRequest, Metrics, RevealedShare, RevealRequest, SecAggKeysRequest,
                           SecAggSharesRequest, SecureAggregation)
 
-#: Rounds whose secrets a node keeps at once (all scientists together); the oldest go first.
+#: Rounds whose secrets a node keeps per scientist; that scientist's oldest go first.
 KEEP_ROUNDS = 64
+#: Masked updates kept per scientist for retries (each is as large as the model).
+KEEP_MASKED = 8
 
 
 class SecureAggregationRefused(ValueError):
@@ -74,7 +76,7 @@ class NodeSecAgg:
         self._tls = tls_dir
         self._lock = threading.Lock()
         self._rounds: OrderedDict[tuple[str, str, int], SecAggClient] = OrderedDict()
-        self._masked: OrderedDict[str, bytes] = OrderedDict()  # job id -> masked words (a retry gets the same)
+        self._masked: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (scientist, job) -> masked words
 
     def _identity(self):
         # Read at each round, so a rotated certificate is used from the next round on.
@@ -94,8 +96,7 @@ class NodeSecAgg:
             key, cert, ca = self._identity()
             client = SecAggClient(config, self.name, key, cert, ca)
             self._rounds[slot] = client
-            while len(self._rounds) > KEEP_ROUNDS:
-                self._rounds.popitem(last=False)
+            _keep_recent(self._rounds, scientist, KEEP_ROUNDS)
             return client.advertise()
 
     def _client(self, scientist: str, experiment_id: str, round: int) -> SecAggClient:
@@ -113,17 +114,23 @@ class NodeSecAgg:
              inbox: list[EncryptedShare]) -> bytes:
         """The job's update (already through the privacy filter chain), weighted, quantised and masked."""
         with self._lock:
-            if job_id in self._masked:
-                return self._masked[job_id]
+            if (scientist, job_id) in self._masked:
+                return self._masked[(scientist, job_id)]
         config = parse_config(secure, self.name)
         client = self._client(scientist, config.experiment_id, config.round)
         vector = tensors.flatten(tensors.loads(update))
         words = pack_words(client.mask(vector, update_weight(secure, metrics, config), inbox))
         with self._lock:
-            self._masked[job_id] = words
-            while len(self._masked) > KEEP_ROUNDS:
-                self._masked.popitem(last=False)
+            self._masked[(scientist, job_id)] = words
+            _keep_recent(self._masked, scientist, KEEP_MASKED)
         return words
 
     def reveal(self, scientist: str, req: RevealRequest) -> list[RevealedShare]:
         return self._client(scientist, req.experiment_id, req.round).reveal(req)
+
+
+def _keep_recent(items: OrderedDict, scientist: str, keep: int) -> None:
+    """Drop ``scientist``'s oldest entries past ``keep``: one scientist's rounds never evict another's."""
+    mine = [k for k in items if k[0] == scientist]
+    for k in mine[:-keep] if len(mine) > keep else ():
+        del items[k]

@@ -63,10 +63,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class BlobCache:
-    """The ``keep`` most recent blobs by key, thread-safe."""
+    """The ``keep`` most recent blobs by key, at most ``max_bytes`` together, thread-safe (the durable
+    copies are on disk: a blob larger than the cache is not kept in memory)."""
 
-    def __init__(self, keep: int):
-        self.keep = keep
+    def __init__(self, keep: int, max_bytes: int = 1 << 30):
+        self.keep, self.max_bytes = keep, max_bytes
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -74,7 +75,8 @@ class BlobCache:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
-            while len(self._items) > self.keep:
+            while self._items and (len(self._items) > self.keep
+                                   or sum(len(v) for v in self._items.values()) > self.max_bytes):
                 self._items.popitem(last=False)
 
     def get(self, key: str) -> bytes | None:

@@ -20,6 +20,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def epsilon(events: Iterable[GaussianEvent], delta: float, accountant: str = "rd
     if not steps:
         return 0.0
     if accountant == "prv":
-        return _prv(steps, delta)
+        return _prv(tuple(sorted(steps.items())), delta)
     # Imported here: Opacus pulls in its whole package (~1.5 s), which a node needs only once a
     # DP release is projected, not at every start.
     from opacus.accountants.analysis import rdp as opacus_rdp
@@ -102,10 +103,12 @@ def _unaccountable(steps: dict[tuple[float, float], int], why) -> str:
 PRV_MAX_GRID = 4_000_000
 
 
-def _prv(steps: dict[tuple[float, float], int], delta: float) -> float:
+@lru_cache(maxsize=256)  # seconds of FFTs each: a repeated estimate or receipt must not cost them again
+def _prv(terms: tuple[tuple[tuple[float, float], int], ...], delta: float) -> float:
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
+    steps = dict(terms)
     acc = PRVAccountant()
     acc.history = [(z, q, n) for (z, q), n in steps.items()]  # Opacus's own (noise, rate, steps) records
     with np.errstate(divide="ignore", over="ignore"):

@@ -69,3 +69,25 @@ def test_slow_headers_are_cut_off_and_one_address_cannot_take_every_connection(n
     for s in held:
         s.close()
     owner.close()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_endless_headers_are_refused_before_they_fill_memory(node):
+    """Before: 1.5 GB of header lines from a client without a token went into the node's memory in 5 s."""
+    pid = node.nodes[0].popen.pid
+    before = _rss_mb(pid)
+    sock = _slow_client(node, node.nodes[0].port)
+    line, sent = b"X-Pad: " + b"a" * 8000 + b"\r\n", 0
+    try:
+        while sent < 256 * 2 ** 20:
+            sock.sendall(line)
+            sent += len(line)
+    except (ssl.SSLError, ConnectionError, OSError):
+        pass  # the node cut the connection
+    sock.close()
+    assert sent < 64 * 2 ** 20, f"the node took {sent >> 20} MiB of headers"
+    assert _rss_mb(pid) - before < 32
