@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from .home import Home
+from .home import ConfigSection, Home
 
 log = logging.getLogger("voxgrid.node.storage")
 
@@ -44,10 +44,10 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS weight_blobs (weights_id TEXT NOT NULL, sc
           "CREATE INDEX IF NOT EXISTS weight_blobs_by_scientist ON weight_blobs(scientist)")
 
 
-class StoragePolicy(BaseModel):
+class StoragePolicy(ConfigSection):
     """The owner's bounds on stored blobs (``node.json``'s ``storage`` section; every key optional)."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = "storage"
 
     #: bytes of weights one scientist may keep at the node (4 GiB: 8 uploads at the 512 MiB body limit)
     quota_bytes: int = Field(4 * GiB, ge=0)
@@ -60,14 +60,6 @@ class StoragePolicy(BaseModel):
     #: how often the node sweeps expired blobs while it runs
     sweep_minutes: float = Field(15.0, gt=0)
 
-    @classmethod
-    def parse(cls, data: dict | None) -> StoragePolicy:
-        """From ``node.json``'s ``storage`` section; ValueError naming the bad key."""
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as exc:
-            raise ValueError("; ".join(f"storage.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                       for e in exc.errors())) from None
 
 
 class OverQuota(Exception):

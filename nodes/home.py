@@ -22,12 +22,30 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from voxgrid.wire import NAME_RE
 
 if TYPE_CHECKING:
     from voxgrid.datasets.folder import DataRoots
+
+
+class ConfigSection(BaseModel):
+    """A section of ``node.json`` (``limits``, ``storage``): typed, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    section: ClassVar[str]
+
+    @classmethod
+    def parse(cls, data: dict | None):
+        """From the section's dict (None: every default); ValueError naming the bad key."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{cls.section}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in exc.errors())) from None
 
 
 class HomeError(ValueError):

@@ -18,16 +18,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from voxgrid.plan import Plan
 
+from .home import ConfigSection
 
-class JobLimits(BaseModel):
+
+class JobLimits(ConfigSection):
     """The node owner's limits on one job (defaults admit every plan the demo, notebooks, benchmarks
     and tests use, with room; a site tightens or widens them with ``voxgrid node limits``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = "limits"
 
     #: plan.patch_size: voxels in one patch (128^3; the repository's plans use at most 64^3)
     max_patch_voxels: int = Field(128 ** 3, ge=1)
@@ -51,14 +53,6 @@ class JobLimits(BaseModel):
     #: times a job that was running when the node stopped is run again before it is failed
     max_job_restarts: int = Field(1, ge=0)
 
-    @classmethod
-    def parse(cls, data: dict | None) -> JobLimits:
-        """From ``node.json``'s ``limits`` section; ValueError naming the bad key."""
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as exc:
-            raise ValueError("; ".join(f"limits.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                       for e in exc.errors())) from None
 
     def worker_memory_bytes(self) -> int:
         if self.max_worker_memory_mb is not None:

@@ -58,10 +58,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._header_bytes is not None:
             self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES:
-                self._refuse_headers()
-                return
-        super().data_received(data)
+        super().data_received(data)  # a chunk may end the headers and carry body bytes: parse it first
+        if self._header_bytes is not None and self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse_headers()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -12,13 +12,13 @@ import time
 
 import pytest
 import torch
+from homes import node_home
 
 from voxgrid import tensors, unet_plan
-from voxgrid.nodes import admin, doctor
+from voxgrid.nodes import doctor
 from voxgrid.nodes.home import Home
 from voxgrid.nodes.service import Caller, Invalid, NodeService, QuotaExceeded
-from voxgrid.nodes.store import NodeStore, VolumeRecord
-from voxgrid.pki import create_ca, issue_certificate
+
 from voxgrid.wire import JobRequest, Metrics
 
 ALICE, BOB, OWNER = Caller("alice", "scientist"), Caller("bob", "scientist"), Caller("owner", "owner")
@@ -45,15 +45,7 @@ SIZE = len(blob(0))
 
 @pytest.fixture
 def home(tmp_path):
-    ca = create_ca(tmp_path / "ca")
-    cert = issue_certificate(ca, tmp_path / "certs", "node-a", ["127.0.0.1"])
-    admin.init_home("node", tmp_path / "home", "node-a", ca_cert=ca.cert, cert=cert.cert, key=cert.key)
-    store = NodeStore(Home(tmp_path / "home").db_file)
-    store.add_dataset("ct", description="", tags=["#ct"], modality="CT", label_names={1: "pancreas"},
-                      volumes=[VolumeRecord(f"c{i}", f"/x/c{i}.nii.gz", None, "nifti", s)
-                               for i, s in enumerate(["train", "train", "val"])])
-    store.close()
-    return Home(tmp_path / "home")
+    return node_home(tmp_path)
 
 
 def set_storage(home: Home, **storage) -> None:

@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+from homes import wait_job
 
 import voxgrid
 from voxgrid import tensors
@@ -35,13 +36,6 @@ def submit(p, privacy=None, round=0):
                                       weights_id=ref.weights_id, evaluate=False))
 
 
-def wait(client, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    st = client.job(job_id)
-    while st.state in ("queued", "running"):
-        assert time.monotonic() < deadline, st
-        st = client.job(job_id, wait=10)
-    return st
 
 
 def test_budgets_receipts_refusals_and_the_ledger_across_a_kill(federation):
@@ -56,7 +50,7 @@ def test_budgets_receipts_refusals_and_the_ledger_across_a_kill(federation):
     assert not a.client.privacy_estimate(a.name, GAUSS, releases=2).budgets[0].fits
 
     # Within budget: the update comes with a receipt stating epsilon.
-    st = wait(a.client, submit(a, GAUSS).job_id)
+    st = wait_job(a.client, submit(a, GAUSS).job_id)
     assert st.state == "done", st.error
     assert st.privacy.dp and st.privacy.epsilon == pytest.approx(SINGLE) and st.privacy.delta == 1e-5
     assert st.privacy.cumulative_epsilon == pytest.approx(SINGLE) and st.privacy.mechanism == "gaussian_update"
@@ -92,7 +86,7 @@ def test_budgets_receipts_refusals_and_the_ledger_across_a_kill(federation):
     view = owner.ledger()
     assert len(view.refusals) == 2 and view.budgets[0].remaining == pytest.approx(0.3 * SINGLE)
     # ... and released without a number where none applies.
-    st = wait(b.client, submit(b, {"mechanism": "percentile", "fraction": 0.25}).job_id)
+    st = wait_job(b.client, submit(b, {"mechanism": "percentile", "fraction": 0.25}).job_id)
     assert st.state == "done", st.error
     assert st.privacy.dp is False and st.privacy.epsilon is None and st.privacy.cumulative_epsilon is None
     assert "NOT differentially private" in st.privacy.note

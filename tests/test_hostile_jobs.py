@@ -7,6 +7,7 @@ A node with a 15 s wall-time limit per job (set by its owner before it starts), 
 import time
 
 import pytest
+from homes import wait_job
 import torch
 
 import voxgrid
@@ -60,13 +61,6 @@ def submit(client, pl, tag, weights=None):
 LONG = dict(steps_per_epoch=9000)  # under the step limit, far over the wall-time limit
 
 
-def wait(client, job_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    st = client.job(job_id)
-    while st.state in ("queued", "running"):
-        assert time.monotonic() < deadline, st
-        st = client.job(job_id, wait=5)
-    return st
 
 
 def wait_running(client, job_id, timeout=60):
@@ -95,10 +89,10 @@ def test_a_job_over_the_wall_time_limit_fails_with_the_reason_and_the_next_runs(
     slow = submit(alice, plan(**LONG), "wall")
     quick = submit(alice, plan(), "after-wall")
     t0 = time.monotonic()
-    st = wait(alice, slow.job_id)
+    st = wait_job(alice, slow.job_id)
     assert st.state == "failed" and f"exceeded the node's wall-time limit of {WALL_S} s" in st.error
     assert time.monotonic() - t0 < WALL_S + 20
-    assert wait(alice, quick.job_id).state == "done"
+    assert wait_job(alice, quick.job_id).state == "done"
 
 
 def test_scientists_cancel_their_own_jobs_only_and_the_owner_any(fed):
@@ -117,7 +111,7 @@ def test_scientists_cancel_their_own_jobs_only_and_the_owner_any(fed):
     assert st.state == "failed" and st.error == "cancelled by owner (the node's owner)"
     assert time.monotonic() - t0 < 10
     bobs = submit(bob, plan(), "after-cancel")  # the worker was restarted and takes the next job
-    assert wait(bob, bobs.job_id).state == "done"
+    assert wait_job(bob, bobs.job_id).state == "done"
     assert alice.cancel(queued.job_id).error == "cancelled by scientist"  # finished: left as it is
     audit = [(e.actor, e.action) for e in owner.audit(limit=50)]
     assert ("scientist", "job.cancel") in audit and ("owner", "job.cancel") in audit
@@ -131,7 +125,7 @@ def test_one_scientists_queue_does_not_starve_another(fed):
     theirs = submit(bob, plan(), "few")
     owner.cancel(blocker.job_id)  # alice has five queued, bob one: bob's comes second, not sixth
     for j in [*mine, theirs]:
-        assert wait(alice if j in mine else bob, j.job_id).state == "done"
+        assert wait_job(alice if j in mine else bob, j.job_id).state == "done"
     done = [e.detail for e in reversed(owner.audit(limit=200)) if e.action == "job.done"]
     order = [done.index(j.job_id) for j in [*mine, theirs]]
     assert order[-1] == sorted(order)[1], "bob's job waited behind alice's queue"
@@ -150,4 +144,4 @@ def test_a_job_running_when_the_node_is_killed_is_not_run_again_endlessly(fed):
     alice, _, _ = clients(fed)
     st = alice.job(job.job_id)
     assert st.state == "failed" and "not run again" in st.error, st
-    assert wait(alice, submit(alice, plan(), "after-crash").job_id).state == "done"
+    assert wait_job(alice, submit(alice, plan(), "after-crash").job_id).state == "done"

@@ -16,7 +16,7 @@ from test_privacy_node import ALICE, GAUSS, OWNER, finish, node, request  # noqa
 from voxgrid.nodes.service import BudgetRefused
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
 from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity, release_dice
-from voxgrid.wire import BudgetSet, JobRequest, Metrics
+from voxgrid.wire import BudgetSet, Metrics
 
 
 def evaluate(service, privacy=GAUSS, split="val", seed=0):

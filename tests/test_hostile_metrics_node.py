@@ -5,9 +5,8 @@ choice on every split were accepted and wrote nothing to the ledger; the reporte
 that predicts one class everywhere is a function of a patient's organ volume.
 """
 
-import time
-
 import pytest
+from homes import wait_job
 
 import voxgrid
 from voxgrid import tensors
@@ -45,13 +44,6 @@ def _submit(pointer, kind="evaluate", split="val", seed=0, privacy=GAUSS):
                                             weights_id=ref.weights_id, split=split, seed=seed))
 
 
-def _wait(client, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    st = client.job(job_id)
-    while st.state in ("queued", "running"):
-        assert time.monotonic() < deadline, st
-        st = client.job(job_id, wait=10)
-    return st
 
 
 def test_metrics_of_a_budgeted_dataset_are_releases(site):
@@ -67,12 +59,12 @@ def test_metrics_of_a_budgeted_dataset_are_releases(site):
     owner.set_budget(pointer.name, epsilon=1000.0, delta=1e-5, scientist="scientist")
     with pytest.raises(AccessRefused, match=r"plan\.privacy"):
         _submit(pointer, privacy=None)  # nothing to calibrate the Dice's noise with: refused, not leaked
-    runs = [_wait(pointer.client, _submit(pointer, seed=s).job_id) for s in (1, 2)]
+    runs = [wait_job(pointer.client, _submit(pointer, seed=s).job_id) for s in (1, 2)]
     assert [r.state for r in runs] == ["done", "done"], [r.error for r in runs]
     # The same weights on the same split: only the noise tells the two Dice apart.
     assert runs[0].metrics.dice != runs[1].metrics.dice
     assert all(r.privacy.dp and r.privacy.metrics["dice"] == "noised" and r.privacy.epsilon > 0 for r in runs)
-    train = _wait(pointer.client, _submit(pointer, kind="train").job_id)
+    train = wait_job(pointer.client, _submit(pointer, kind="train").job_id)
     assert train.state == "done" and train.metrics.loss is None  # un-noised training loss no longer leaves
     assert train.privacy.metrics == {"dice": "noised", "loss": "withheld"}
     released = [e for e in owner.ledger().entries if e.state == "released"]

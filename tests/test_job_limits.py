@@ -8,14 +8,14 @@ import os
 
 import pytest
 import torch
+from homes import node_home
 
 from voxgrid import tensors, unet_plan
 from voxgrid.nodes import admin
 from voxgrid.nodes.home import Home
 from voxgrid.nodes.limits import FairQueue, JobLimits, LimitExceeded, check_plan, parameter_count, planned_steps
 from voxgrid.nodes.service import Caller, Invalid, NodeService, NotFound, TooManyJobs
-from voxgrid.nodes.store import NodeStore, VolumeRecord
-from voxgrid.pki import create_ca, issue_certificate
+from voxgrid.nodes.store import VolumeRecord
 from voxgrid.wire import JobRequest
 
 ALICE, BOB, OWNER = Caller("alice", "scientist"), Caller("bob", "scientist"), Caller("owner", "owner")
@@ -130,13 +130,7 @@ class StandInExecutor:
 
 @pytest.fixture
 def node(tmp_path):
-    ca = create_ca(tmp_path / "ca")
-    cert = issue_certificate(ca, tmp_path / "certs", "node-a", ["127.0.0.1"])
-    admin.init_home("node", tmp_path / "home", "node-a", ca_cert=ca.cert, cert=cert.cert, key=cert.key)
-    store = NodeStore(Home(tmp_path / "home").db_file)
-    store.add_dataset("ct", description="", tags=["#ct"], modality="CT", label_names={1: "pancreas"}, volumes=VOLUMES)
-    store.add_token("bob", "scientist")
-    store.close()
+    node_home(tmp_path, VOLUMES, scientists=["bob"])
     admin.set_limits(tmp_path / "home", max_queued_jobs=3)
     service = NodeService(Home(tmp_path / "home"), start_executor=False)
     service.executor = StandInExecutor()

@@ -6,13 +6,11 @@ is in test_e2e_privacy.py).
 
 import pytest
 import torch
+from homes import node_home
 
 from voxgrid import tensors, unet_plan
 from voxgrid.nodes import admin
-from voxgrid.nodes.home import Home
 from voxgrid.nodes.service import BudgetRefused, Caller, Forbidden, Invalid, NodeService
-from voxgrid.nodes.store import NodeStore, VolumeRecord
-from voxgrid.pki import create_ca, issue_certificate
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
 from voxgrid.wire import BudgetSet, EstimateRequest, JobRequest, Metrics
 
@@ -33,15 +31,7 @@ class StandInExecutor:
 
 @pytest.fixture
 def node(tmp_path):
-    ca = create_ca(tmp_path / "ca")
-    cert = issue_certificate(ca, tmp_path / "certs", "node-a", ["127.0.0.1"])
-    admin.init_home("node", tmp_path / "home", "node-a", ca_cert=ca.cert, cert=cert.cert, key=cert.key)
-    store = NodeStore(Home(tmp_path / "home").db_file)
-    store.add_dataset("ct", description="", tags=["#ct"], modality="CT", label_names={1: "pancreas"},
-                      volumes=[VolumeRecord(f"c{i}", f"/x/c{i}.nii.gz", None, "nifti", s)
-                               for i, s in enumerate(["train", "train", "val"])])
-    store.close()
-    service = NodeService(Home(tmp_path / "home"), start_executor=False)
+    service = NodeService(node_home(tmp_path), start_executor=False)
     service.executor = StandInExecutor()
     yield service
     service.close()
