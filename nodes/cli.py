@@ -78,6 +78,7 @@ LIMIT_FLAGS = (("--max-patch-voxels", int, "voxels in one patch (default 128^3 =
                ("--max-samples-per-volume", int, "plan.samples_per_volume (default 32)"),
                ("--max-steps-per-job", int, "optimiser steps of one train job (default 10000)"),
                ("--max-parameters", int, "parameters of the plan's network (default 100000000)"),
+               ("--max-volume-voxels", int, "voxels of one volume after the plan's transforms (default 2^29)"),
                ("--max-network-levels", int, "entries of any list in plan.network, e.g. UNet channels (default 16)"),
                ("--max-job-seconds", float, "wall time of one job (default 3600)"),
                ("--max-worker-memory-mb", int, "resident memory of the executor in MiB (default: 75%% of RAM)"),

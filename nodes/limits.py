@@ -42,6 +42,9 @@ class JobLimits(ConfigSection):
     max_steps_per_job: int = Field(10_000, ge=1)
     #: parameters of the plan's network (100 M: 400 MB of float32 weights)
     max_parameters: int = Field(100_000_000, ge=1)
+    #: voxels of one volume after the plan's transforms (Spacingd to a fine grid, SpatialPadd, ResizeWithPadOrCropd,
+    #: RandAffined's spatial_size): 2^29, 2 GiB as float32; a 512x512x1000 CT is 2^28
+    max_volume_voxels: int = Field(2 ** 29, ge=1)
     #: entries of any list in plan.network (UNet's channels, strides: its depth); checked before it is built
     max_network_levels: int = Field(16, ge=1)
     #: wall time of one job in the worker, loading its volumes included
@@ -101,8 +104,14 @@ def parameter_count(plan: Plan) -> int:
     return n
 
 
-def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str = "train") -> None:
-    """Raise :class:`LimitExceeded` for the first of the plan's fields over the node's limits."""
+def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str = "train",
+               extent: tuple[tuple, tuple] | None = None) -> None:
+    """Raise :class:`LimitExceeded` for the first of the plan's fields over the node's limits.
+
+    ``extent``: the dataset's largest (shape in voxels, spacing in mm), when published; it bounds what
+    resampling to the plan's ``Spacingd`` grid makes of a volume.
+    """
+    check_transforms(plan, limits, extent)
     voxels = math.prod(plan.patch_size)
     checks = [("plan.patch_size", voxels, limits.max_patch_voxels, f"{'x'.join(map(str, plan.patch_size))} = "
                                                                     f"{voxels} voxels"),
@@ -125,6 +134,29 @@ def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str 
     params = parameter_count(plan)
     if params > limits.max_parameters:
         raise LimitExceeded(f"plan.network: {params} parameters is over this node's limit of {limits.max_parameters}")
+
+
+def check_transforms(plan: Plan, limits: JobLimits, extent: tuple[tuple, tuple] | None = None) -> None:
+    """Refuse transforms that would blow one volume up past ``limits.max_volume_voxels``."""
+    for where in ("preprocessing", "augmentation"):
+        for i, spec in enumerate(getattr(plan, where)):
+            voxels = _transform_voxels(spec, extent)
+            if voxels is not None and voxels > limits.max_volume_voxels:
+                raise LimitExceeded(f"plan.{where}[{i}] ({spec.get('_target_')}): a volume of up to {voxels:.0f} "
+                                    f"voxels is over this node's limit of {limits.max_volume_voxels}")
+
+
+def _transform_voxels(spec: dict, extent: tuple[tuple, tuple] | None) -> float | None:
+    """Voxels of a volume after one transform, where its parameters say (None: it keeps the size)."""
+    size = spec.get("spatial_size")
+    if isinstance(size, (list, tuple)) and size and all(isinstance(s, (int, float)) for s in size):
+        return float(math.prod(max(float(s), 1.0) for s in size))
+    pixdim = spec.get("pixdim")
+    if spec.get("_target_") == "Spacingd" and extent is not None and isinstance(pixdim, (list, tuple)):
+        shape, spacing = extent
+        if len(pixdim) == len(shape) == len(spacing) and all(isinstance(p, (int, float)) and p > 0 for p in pixdim):
+            return math.prod(n * s / p for n, s, p in zip(shape, spacing, pixdim))
+    return None
 
 
 @dataclass

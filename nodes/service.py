@@ -376,7 +376,8 @@ class NodeService:
     def _check_limits(self, caller: Caller, plan: Plan, req: JobRequest, ds) -> None:
         """The owner's job limits (:class:`~.limits.JobLimits`), before anything is reserved or queued."""
         try:
-            check_plan(plan, self.limits, ds.volumes, req.kind)
+            extent = (ds.shape_range[1], ds.spacing_range[1]) if ds.shape_range and ds.spacing_range else None
+            check_plan(plan, self.limits, ds.volumes, req.kind, extent)
         except LimitExceeded as exc:
             self.store.audit(caller.name, "job.refused", f"over the node's limits: {exc}")
             raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from None

@@ -9,12 +9,13 @@ import json
 import struct
 
 import pytest
+from homes import wait_job
 import torch
 from safetensors.torch import load
 
 import voxgrid
 from voxgrid import tensors
-from voxgrid.client import NodeClient
+from voxgrid.client import NodeClient, VoxgridError
 from voxgrid.plan import initial_weights
 from voxgrid.wire import JobRequest
 
@@ -92,4 +93,24 @@ def test_a_huge_safetensors_header_is_refused_and_the_node_stays_healthy(node):
         client.put_weights(blob)
     assert 400 <= e.value.status < 500
     assert f"header is {len(header)} bytes" in e.value.detail and "limit is 1048576" in e.value.detail
+    _assert_healthy(client)
+
+
+def test_a_job_whose_update_is_not_finite_fails_and_releases_nothing(node):
+    """Finite weights, a learning rate that overflows float32: the update is not finite, so the job fails
+    before any filter runs (a NaN update once passed the clip unclipped), and no update can be fetched."""
+    name, client = node
+    base = _plan()
+    plan = voxgrid.unet_plan(["background", "pancreas", "tumor"], patch_size=(32, 32, 32), channels=(4, 8),
+                             strides=(2,), num_res_units=1, local_epochs=1, steps_per_epoch=3,
+                             optimizer={"_target_": "SGD", "lr": 1e38}, privacy=base.privacy)
+    ref = client.put_weights(tensors.dumps(initial_weights(plan)))
+    job = client.submit(JobRequest(kind="train", experiment_id="overflow", round=0, dataset=name,
+                                   plan=plan.model_dump(mode="json"), plan_hash=plan.content_hash,
+                                   weights_id=ref.weights_id, evaluate=False))
+    st = wait_job(client, job.job_id)
+    assert st.state == "failed" and "not finite" in st.error and "nothing was released" in st.error
+    assert not st.has_update and st.privacy is None
+    with pytest.raises(VoxgridError):
+        client.update(job.job_id)
     _assert_healthy(client)

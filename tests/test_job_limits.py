@@ -254,3 +254,18 @@ def test_resident_memory_counts_a_process_and_its_children():
             os.kill(pid, 9)
         parent.wait()
     assert tree_rss(2 ** 22 + 1) == 0  # no such process
+
+
+def test_transforms_that_blow_a_volume_up_are_refused_naming_the_transform():
+    """A plan could ask Spacingd for a 0.01 mm grid or SpatialPadd for 4096^3: memory the patch limit never saw."""
+    limits = JobLimits(max_volume_voxels=512 ** 3)
+    extent = ((512, 512, 300), (0.9, 0.9, 2.5))  # the dataset's published largest shape and spacing
+    fine = small_plan(preprocessing=[{"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [0.05, 0.05, 0.05]}])
+    with pytest.raises(LimitExceeded, match=r"plan\.preprocessing\[0\] \(Spacingd\): a volume of up to \d+ voxels"):
+        check_plan(fine, limits, VOLUMES, extent=extent)
+    pad = small_plan(augmentation=[{"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": [4096] * 3}])
+    with pytest.raises(LimitExceeded, match=r"plan\.augmentation\[0\] \(SpatialPadd\)"):
+        check_plan(pad, limits, VOLUMES)
+    usual = small_plan(preprocessing=[{"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [1.5, 1.5, 2.0]}])
+    check_plan(usual, limits, VOLUMES, extent=extent)  # a usual resampling passes
+    check_plan(fine, limits, VOLUMES)  # without a published extent, resampling is bounded by the watchdog only
