@@ -232,27 +232,16 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
 
     if threads > 0:
         torch.set_num_threads(threads)
-    from voxgrid import tensors
-    from voxgrid.plan import Plan
-    from voxgrid.privacy import PrivacySpec
     from voxgrid import components
-    from voxgrid.privacy.mechanisms import apply_filters, secure_generator
-    from voxgrid.privacy.metrics import MetricsRelease
-    from voxgrid.wire import JobRequest
 
-    from .limits import planned_steps
     from .local_state import LocalState
     from .prepcache import PrepCache
-    from .secure import noise_share
-    from .training import Trainer, pick_device, prepare, run_job
+    from .training import Trainer, pick_device
 
-    trainer = Trainer(pick_device(device))
-    local_state = LocalState(state_dir)
-    prep_cache = PrepCache(cache_dir) if cache_dir else None
+    runner = JobRunner(Trainer(pick_device(device)), LocalState(state_dir), PrepCache(cache_dir) if cache_dir else None)
     for kind in ("network", "loss", "optimizer", "transform"):  # the allowlist's imports, before any job waits
         components.table(kind)
-    conn.send_bytes(json.dumps({"event": "ready", "device": trainer.device.type}).encode())
-    cache: dict[tuple, object] = {}
+    conn.send_bytes(json.dumps({"event": "ready", "device": runner.trainer.device.type}).encode())
     while True:
         try:
             job = json.loads(conn.recv_bytes())
@@ -262,36 +251,7 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
         job_id = job["job_id"]
         conn.send_bytes(json.dumps({"event": "started", "job_id": job_id}).encode())
         try:
-            req = JobRequest.model_validate(job["request"])
-            plan = Plan.model_validate(req.plan)
-            ds = job["dataset"]
-            cap = job.get("limits", {}).get("max_steps_per_job")
-            if req.kind == "train" and cap and (steps := planned_steps(plan, ds["volumes"])) > cap:
-                raise RuntimeError(f"{steps} optimiser steps on this dataset is over the node's limit of {cap} "
-                                   "steps per job")
-            site_labels = {int(k): v for k, v in ds["label_names"].items()}
-            key = (req.dataset, ds["fingerprint"], json.dumps(plan.preprocessing, sort_keys=True), tuple(plan.labels))
-            data = cache.get(key)
-            if data is None:
-                try:
-                    data = prepare(ds["volumes"], site_labels, plan, cache=prep_cache, roots=ds.get("data_roots"))
-                except Exception:
-                    # Reader errors name files, series UIDs and descriptions: they stay in the node's log.
-                    log.warning("job %s: loading dataset %s failed: %s", job_id, req.dataset, traceback.format_exc())
-                    raise RuntimeError(f"the volumes of dataset {req.dataset!r} could not be loaded at the node; "
-                                       "its owner can read the reason in the node's log") from None
-                cache = {key: data}  # one dataset at a time: volumes are large
-            metrics, delta = run_job(trainer, plan, req.kind, data, tensors.loads(blob), split=req.split,
-                                     evaluate=req.evaluate, seed=req.seed, local_state=local_state,
-                                     job_key=(req.experiment_id, req.dataset, req.round),
-                                     release=MetricsRelease.model_validate(job["metrics_release"])
-                                     if job.get("metrics_release") else None)
-            spec = PrivacySpec.parse(plan.privacy)
-            if delta is not None and spec is not None:
-                # The privacy filter chain runs here, so the raw delta never reaches the server process
-                # or the disk. Noise is seeded from OS entropy, never from the scientist's seed.
-                delta = apply_filters(spec, delta, secure_generator(), noise_share=noise_share(req, metrics))
-            update = tensors.dumps(delta, metadata={"job_id": job_id}) if delta is not None else None
+            metrics, update = runner.run(job, blob)
             conn.send_bytes(json.dumps({"event": "done", "job_id": job_id, "has_update": update is not None,
                                         "metrics": metrics.model_dump(mode="json")}).encode())
             if update is not None:
@@ -300,3 +260,60 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
             log.warning("job %s failed: %s", job_id, traceback.format_exc())
             conn.send_bytes(json.dumps({"event": "failed", "job_id": job_id,
                                         "error": f"{type(exc).__name__}: {exc}"}).encode())
+
+
+class JobRunner:
+    """The worker's side of one job: the step limit, the data (kept for the next job on the same
+    dataset), training or evaluation, and the privacy filter chain. Runs in the worker process."""
+
+    def __init__(self, trainer, local_state, prep_cache):
+        self.trainer, self.local_state, self.prep_cache = trainer, local_state, prep_cache
+        self._data: dict[tuple, object] = {}
+
+    def run(self, job: dict, blob: bytes):
+        """(metrics, update bytes or None) of one job message and its start weights."""
+        from voxgrid import tensors
+        from voxgrid.plan import Plan
+        from voxgrid.privacy import PrivacySpec
+        from voxgrid.privacy.mechanisms import apply_filters, secure_generator
+        from voxgrid.privacy.metrics import MetricsRelease
+        from voxgrid.wire import JobRequest
+
+        from .limits import planned_steps
+        from .secure import noise_share
+        from .training import run_job
+
+        req = JobRequest.model_validate(job["request"])
+        plan = Plan.model_validate(req.plan)
+        cap = job.get("limits", {}).get("max_steps_per_job")
+        if req.kind == "train" and cap and (steps := planned_steps(plan, job["dataset"]["volumes"])) > cap:
+            raise RuntimeError(f"{steps} optimiser steps on this dataset is over the node's limit of {cap} "
+                               "steps per job")
+        release = job.get("metrics_release")
+        metrics, delta = run_job(self.trainer, plan, req.kind, self.data(job["job_id"], req, plan, job["dataset"]),
+                                 tensors.loads(blob), split=req.split, evaluate=req.evaluate, seed=req.seed,
+                                 local_state=self.local_state, job_key=(req.experiment_id, req.dataset, req.round),
+                                 release=MetricsRelease.model_validate(release) if release else None)
+        spec = PrivacySpec.parse(plan.privacy)
+        if delta is not None and spec is not None:
+            # The privacy filter chain runs here, so the raw delta never reaches the server process
+            # or the disk. Noise is seeded from OS entropy, never from the scientist's seed.
+            delta = apply_filters(spec, delta, secure_generator(), noise_share=noise_share(req, metrics))
+        return metrics, tensors.dumps(delta, metadata={"job_id": job["job_id"]}) if delta is not None else None
+
+    def data(self, job_id: str, req, plan, ds: dict):
+        """The dataset's volumes prepared for ``plan`` (one dataset kept at a time: volumes are large)."""
+        from .training import prepare
+
+        key = (req.dataset, ds["fingerprint"], json.dumps(plan.preprocessing, sort_keys=True), tuple(plan.labels))
+        if key not in self._data:
+            site_labels = {int(k): v for k, v in ds["label_names"].items()}
+            try:
+                prepared = prepare(ds["volumes"], site_labels, plan, cache=self.prep_cache, roots=ds.get("data_roots"))
+            except Exception:
+                # Reader errors name files, series UIDs and descriptions: they stay in the node's log.
+                log.warning("job %s: loading dataset %s failed: %s", job_id, req.dataset, traceback.format_exc())
+                raise RuntimeError(f"the volumes of dataset {req.dataset!r} could not be loaded at the node; "
+                                   "its owner can read the reason in the node's log") from None
+            self._data = {key: prepared}
+        return self._data[key]
