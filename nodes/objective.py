@@ -145,6 +145,15 @@ def freeze_except(net: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.n
     return frozen
 
 
+def network_device(net: torch.nn.Module) -> torch.device | None:
+    """The device of ``net``'s parameters (else its buffers); None for a module holding no tensors."""
+    for t in net.parameters():
+        return t.device
+    for t in net.buffers():
+        return t.device
+    return None
+
+
 class LocalObjective:
     """``objective(net, x, y)``: the plan's loss on the annotated classes, plus the proximal term.
 
@@ -165,6 +174,12 @@ class LocalObjective:
         self.dtp = DynamicTaskPriority(plan.local.dtp, self.present, dtp_state) if plan.local.dtp else None
         # one loss per task, over its 2 channels (background-or-other, the class)
         self.task_losses = {c: build_loss(plan, classes=[0, c]) for c in self.present} if self.dtp else {}
+        # The losses' buffers (cross-entropy's class weights, Dice's class_weight) follow the network:
+        # left on the CPU, a weighted loss fails on a CUDA network's logits.
+        device = network_device(net)
+        if device is not None:
+            self.loss_fn = self.loss_fn.to(device)
+            self.task_losses = {c: f.to(device) for c, f in self.task_losses.items()}
         self.params = [p for p in net.parameters() if p.requires_grad]
         # A copy, not a view: the anchor must not move as the optimiser steps.
         self.anchor = [p.detach().clone() for p in self.params] if self.mu > 0 else []

@@ -107,11 +107,36 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def dp_noise_generator(device: torch.device) -> torch.Generator:
+    """DP-SGD's noise generator, on ``device`` (the gradients'), seeded from the OS's entropy (63 bits).
+
+    Opacus draws the noise with ``torch.normal(..., device=<the gradient's device>, generator=gen)``,
+    which refuses a generator of another device: a CPU generator fails the first step on a GPU.
+    Never seeded from the scientist's seed: whoever knows the seed could subtract the noise.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return secure_generator()
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def _params_device(params: list[torch.Tensor], fallback: torch.device) -> torch.device:
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"DP-SGD: the trainable parameters span several devices {sorted(map(str, devices))}")
+    return devices.pop() if devices else fallback
+
+
 class Trainer:
     """Keeps networks warm per plan hash; trains and evaluates jobs."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_sw_batch_size: int | None = None):
+        """``max_sw_batch_size``: the node's cap on the plan's ``sw_batch_size`` (windows per forward
+        pass in evaluation), for its own GPU's memory; not part of the plan, so not of its hash."""
+        if max_sw_batch_size is not None and max_sw_batch_size < 1:
+            raise ValueError(f"max_sw_batch_size must be >= 1, got {max_sw_batch_size}")
         self.device = device
+        self.max_sw_batch_size = max_sw_batch_size
         self._networks: dict[str, torch.nn.Module] = {}
 
     def network(self, plan: Plan, weights: StateDict) -> torch.nn.Module:
@@ -208,7 +233,7 @@ class Trainer:
                                                 plan.steps_per_epoch))
         torch.manual_seed(seed)
         # Who is sampled must stay secret (privacy amplification by subsampling assumes it), so the
-        # sampling uses the OS's entropy, never the scientist's seed; noise too (secure_generator).
+        # sampling uses the OS's entropy, never the scientist's seed; noise too (dp_noise_generator).
         secret = secrets.SystemRandom()
         keys = ["image", "label"]
         crop = Compose([
@@ -222,7 +247,7 @@ class Trainer:
         params = [p for p in net.parameters() if p.requires_grad]
         opt = DPOptimizer(build_optimizer(plan, params), noise_multiplier=f.noise_multiplier,
                           max_grad_norm=f.max_grad_norm, expected_batch_size=q * len(groups),
-                          loss_reduction="mean", generator=secure_generator())
+                          loss_reduction="mean", generator=dp_noise_generator(_params_device(params, self.device)))
         net.train()
         zeroed = 0
         try:
@@ -268,16 +293,22 @@ class Trainer:
         """
         net.eval()
         n_cls = len(plan.labels)
-        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=ignore_empty)
+        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=ignore_empty,
+                            num_classes=n_cls)
         amp = plan.amp and self.device.type == "cuda"
+        sw_batch = plan.sw_batch_size if self.max_sw_batch_size is None else min(plan.sw_batch_size,
+                                                                                 self.max_sw_batch_size)
         for item in data:
             x = item["image"].as_tensor()[None].to(self.device)
             with torch.autocast(self.device.type, enabled=amp):
-                logits = sliding_window_inference(x, roi_size=plan.patch_size, sw_batch_size=plan.sw_batch_size,
+                logits = sliding_window_inference(x, roi_size=plan.patch_size, sw_batch_size=sw_batch,
                                                   predictor=net, overlap=plan.sw_overlap, padding_mode="constant")
-            pred = torch.nn.functional.one_hot(logits.float().argmax(1), n_cls).permute(0, 4, 1, 2, 3)
-            gt = torch.nn.functional.one_hot(item["label"].as_tensor()[0].long().to(self.device), n_cls)
-            metric(y_pred=pred, y=gt.permute(3, 0, 1, 2)[None])
+            # Label maps (B, 1, X, Y, Z), not one-hot: a one-hot int64 volume is 8 bytes per voxel per class.
+            pred = logits.argmax(1, keepdim=True)  # the first maximum, as on float32 logits
+            if n_cls <= 256:
+                pred = pred.to(torch.uint8)
+            del logits
+            metric(y_pred=pred, y=_label_indices(item["label"]).to(self.device)[None])
         scores = metric.aggregate().cpu().tolist() if data else [float("nan")] * (n_cls - 1)
         metric.reset()
         out: dict[str, float | None] = {}
@@ -285,6 +316,13 @@ class Trainer:
             s = scores[c - 1]
             out[plan.labels[c]] = None if (c not in present or math.isnan(s)) else round(float(s), 6)
         return out
+
+
+def _label_indices(label: torch.Tensor) -> torch.Tensor:
+    """A stored label map (1, X, Y, Z; float32 class indices) as uint8 indices, converted on the CPU
+    before any copy to the device (1 byte per voxel; the plan's classes fit: ``label_lut`` is uint8)."""
+    t = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+    return t if t.dtype == torch.uint8 else t.to(torch.uint8)
 
 
 #: Where DTP's moving averages rest between rounds, beside the site-kept tensors (never sent).
