@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .accountant import GaussianEvent, epsilon, tighter_epsilon
+from .accountant import AccountingError, GaussianEvent, epsilon, tighter_epsilon
 from .metrics import MetricsRelease
 from .records import BudgetCheck, BudgetStatus, Estimate, LedgerEntry, LedgerView, Receipt, Refusal
 from .spec import PrivacySpec, TrainingContext
@@ -90,6 +90,21 @@ class BudgetExceeded(Exception):
 
 class LedgerError(LookupError):
     """No usable ledger entry for a job (never reserved, or cancelled)."""
+
+
+#: The largest epsilon one release may state: past it no guarantee means anything (a noise
+#: multiplier of 0.001 states 550,000), so such a plan is refused as invalid rather than run.
+MAX_RELEASE_EPSILON = 1000.0
+
+
+def release_epsilon(events: list[GaussianEvent], delta: float) -> float:
+    """Epsilon of one release's events; AccountingError past :data:`MAX_RELEASE_EPSILON` or where none holds."""
+    eps = epsilon(events, delta)
+    if eps > MAX_RELEASE_EPSILON:
+        z = min(e.noise_multiplier for e in events)
+        raise AccountingError(f"one release would cost epsilon {eps:.4g} (noise multiplier {z:g}), over the "
+                              f"{MAX_RELEASE_EPSILON:g} past which no guarantee means anything: add more noise")
+    return eps
 
 
 @dataclass(frozen=True)
@@ -275,7 +290,7 @@ class Ledger:
                   for c in self.project(dataset, scientist, terms, releases)]
         return Estimate(dataset=dataset, scientist=scientist, mechanism=terms.mechanism, dp=dp,
                         releases=releases, delta=terms.delta, budgets=checks,
-                        epsilon_per_release=epsilon(terms.events, terms.delta) if dp else None,
+                        epsilon_per_release=release_epsilon(terms.events, terms.delta) if dp else None,
                         epsilon_per_release_prv=tighter_epsilon(terms.events, terms.delta) if dp else None,
                         parameters=terms.parameters)
 
@@ -289,7 +304,7 @@ class Ledger:
         """
         terms = Terms.of(spec, context, metrics)
         mechanism = terms.mechanism
-        eps = epsilon(terms.events, terms.delta) if terms.dp else None  # may refuse: before the transaction
+        eps = release_epsilon(terms.events, terms.delta) if terms.dp else None  # may refuse: before the transaction
         with self._transaction() as c:
             failed = [ch for ch in self.project(dataset, scientist, terms) if not ch.ok]
             if not failed:

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from test_privacy_node import ALICE, GAUSS, OWNER, finish, node, request  # noqa: F401  (fixture)
-from voxgrid.nodes.service import BudgetRefused
+from voxgrid.nodes.service import BudgetRefused, Invalid
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
 from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity, release_dice
-from voxgrid.wire import BudgetSet, Metrics
+from voxgrid.wire import BudgetSet, EstimateRequest, Metrics
 
 
 def evaluate(service, privacy=GAUSS, split="val", seed=0):
@@ -99,3 +99,14 @@ def test_without_a_budget_evaluate_jobs_stay_free_and_the_receipt_says_the_metri
     receipt = node.job_status(ALICE, train.job_id).privacy
     assert receipt.metrics == {"dice": "exact", "loss": "withheld"} and "outside any epsilon" in receipt.note
     assert not math.isnan(receipt.epsilon)
+
+
+@pytest.mark.parametrize("noise", [1e-3, 1e-300])
+def test_noise_too_small_for_any_guarantee_is_refused_as_invalid(node, noise):  # noqa: F811
+    """Once a 500 (1e-300: the accountant divided by zero) or tens of GB for the PRV grid (1e-3)."""
+    tiny = {**GAUSS, "noise_multiplier": noise}
+    with pytest.raises(Invalid, match="noise multiplier"):
+        node.submit(ALICE, request(node, tiny))
+    with pytest.raises(Invalid, match="noise multiplier"):
+        node.privacy_estimate(ALICE, EstimateRequest(dataset="ct", privacy=tiny))
+    assert node.executor.jobs == [] and node.ledger.entries() == []
