@@ -47,8 +47,10 @@ METHODS = ["FedAvg", "FedProx", "DWA", "DWA+DTP", "FedBN", "MT-heads", "FedBN+FT
 DTP = {"gamma": 2.0, "alpha": 0.3, "r": 1.0}
 HEAD = ["model.2"]  # MONAI UNet's last up-sampling block: the task head of the multi-task setup
 
-FULL = dict(size=48, rounds=20, volumes=8, local_epochs=2, channels=(16, 32, 64, 128), strides=(2, 2, 2), res_units=1)
-SMALL = dict(size=32, rounds=2, volumes=4, local_epochs=1, channels=(8, 16, 32), strides=(2, 2), res_units=0)
+FULL = {"size": 48, "rounds": 20, "volumes": 8, "local_epochs": 2, "channels": (16, 32, 64, 128), "strides": (2, 2, 2),
+        "res_units": 1}
+SMALL = {"size": 32, "rounds": 2, "volumes": 4, "local_epochs": 1, "channels": (8, 16, 32), "strides": (2, 2),
+         "res_units": 0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
