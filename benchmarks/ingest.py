@@ -101,7 +101,7 @@ def measure(name: str, folder: Path, repeat: int, scratch: Path) -> dict:
     from voxgrid.datasets import read_dicom_series
     from voxgrid.datasets.dicom_read import _pick, _pixels, geometry
     from voxgrid.datasets.dicom_series import scan_series
-    from voxgrid.nodes.prepcache import PrepCache
+    from voxgrid.nodes.worker.prepcache import PrepCache
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     cache = PrepCache(scratch / f"cache-{name}")

@@ -228,7 +228,7 @@ def run_seed(args, seed: int, root: Path | None, echo=print) -> dict:
     import voxgrid
     from voxgrid.baselines import finetune
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
 
     plan = make_plan(args)
     n_params = sum(math.prod(t.shape) for t in voxgrid.plan.initial_weights(plan).values())

@@ -1,6 +1,6 @@
 """The cost of patient-level DP-SGD in accuracy and in time, on the phantom federation.
 
-Starts a real federation on loopback (:class:`voxgrid.nodes.federation.LocalFederation`: CA, grid
+Starts a real federation on loopback (:class:`voxgrid.nodes.local.federation.LocalFederation`: CA, grid
 and one node process per phantom site, ``voxgrid.datasets.default_sites``) and trains the same
 plan with FedAvg, the same rounds and steps, once without DP and once per target epsilon with
 DP-SGD at the nodes (``plan.privacy = {"mechanism": "dp_sgd", ...}``). For a target epsilon the
@@ -110,7 +110,7 @@ def step_times(args) -> dict:
 
     import voxgrid
     from voxgrid.datasets import default_sites, make_phantom
-    from voxgrid.nodes.training import Trainer, pick_device
+    from voxgrid.nodes.worker.training import Trainer, pick_device
     from voxgrid.plan import build_network
 
     size = args.timing_size
@@ -170,7 +170,7 @@ def run(args, echo=print) -> dict:
 
     import voxgrid
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
     from voxgrid.selection import SelectedModel
 
     t0 = time.perf_counter()

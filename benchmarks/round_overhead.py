@@ -1,7 +1,7 @@
 """Per-round overhead of a federated round: local compute versus everything else.
 
 Starts a real federation on loopback (CA, grid, data nodes as separate processes over TLS, via
-:class:`voxgrid.nodes.federation.LocalFederation`) and runs FedAvg rounds of a fixed workload
+:class:`voxgrid.nodes.local.federation.LocalFederation`) and runs FedAvg rounds of a fixed workload
 without evaluation. For each round it reports
 
 * wall      the scientist's wall time from sending the global weights to having aggregated
@@ -98,7 +98,7 @@ def summarise(rows: list[dict]) -> dict:
 def run(args, echo=print) -> dict:
     import voxgrid
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
 
     plan = make_plan(args)
     n_params = sum(math.prod(t.shape) for t in voxgrid.plan.initial_weights(plan).values())

@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def federation(tmp_path_factory):
     """A real federation: grid + 3 data nodes as processes over TLS on loopback, DICOM phantoms."""
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
 
     root = tmp_path_factory.mktemp("federation")
     fed = LocalFederation.create(root, default_sites(n_sites=3, shape=(32, 32, 32), n_volumes=8), fmt="dicom")

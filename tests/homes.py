@@ -4,8 +4,8 @@ import time
 from pathlib import Path
 
 from voxgrid.nodes import admin
-from voxgrid.nodes.home import Home
-from voxgrid.nodes.store import NodeStore, VolumeRecord
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.service.store import NodeStore, VolumeRecord
 
 #: Two train volumes and one val volume (paths never read: the tests stand in for the executor).
 VOLUMES = [VolumeRecord(f"c{i}", f"/x/c{i}.nii.gz", None, "nifti", s) for i, s in enumerate(["train", "train", "val"])]

@@ -1,4 +1,4 @@
-"""Stored blobs are bounded: who uploaded which weights, per-scientist quotas, expiry (nodes/blobs.py).
+"""Stored blobs are bounded: who uploaded which weights, per-scientist quotas, expiry (nodes/service/blobs.py).
 
 Fast: a NodeService in-process over a real SQLite file, with a stand-in executor; time is moved by
 passing ``now`` to the sweep. The real-process version, over HTTPS, is in test_hostile_storage.py.
@@ -16,8 +16,8 @@ from homes import node_home
 
 from voxgrid import tensors, unet_plan
 from voxgrid.nodes import doctor
-from voxgrid.nodes.home import Home
-from voxgrid.nodes.service import Caller, Invalid, NodeService, QuotaExceeded
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.service.node import Caller, Invalid, NodeService, QuotaExceeded
 
 from voxgrid.wire import JobRequest, Metrics
 

@@ -14,8 +14,8 @@ from cryptography import x509
 
 from voxgrid.cli import main
 from voxgrid.nodes import admin, doctor
-from voxgrid.nodes.federation import free_port
-from voxgrid.nodes.home import Home
+from voxgrid.nodes.local.federation import free_port
+from voxgrid.nodes.service.home import Home
 from voxgrid.pki import CertificateError, certificate_info, client_ssl_context, create_ca, issue_certificate
 
 HOSTS = ["127.0.0.1", "localhost"]

@@ -11,7 +11,7 @@ import pytest
 
 import voxgrid
 from voxgrid.datasets import default_sites, write_site
-from voxgrid.nodes.federation import free_port
+from voxgrid.nodes.local.federation import free_port
 
 
 def vx(*args, check=True):

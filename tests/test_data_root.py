@@ -9,8 +9,8 @@ import pytest
 from voxgrid.datasets import SiteSpec, VolumeError, load_volume, write_site
 from voxgrid.datasets.folder import DataRoots, VolumeSource
 from voxgrid.nodes import admin
-from voxgrid.nodes.home import Home, HomeError
-from voxgrid.nodes.store import NodeStore
+from voxgrid.nodes.service.home import Home, HomeError
+from voxgrid.nodes.service.store import NodeStore
 from voxgrid.cli import main
 from voxgrid.pki import create_ca, issue_certificate
 
@@ -189,8 +189,8 @@ def test_cli_data_root_flag_and_config_set(tmp_path, pki, sites, capsys):
 def test_the_worker_refuses_a_symlink_swapped_after_registration(node):
     """The executor's prepare() re-checks the roots the service hands it, before the disk or the cache."""
     import voxgrid
-    from voxgrid.nodes.prepcache import PrepCache
-    from voxgrid.nodes.training import prepare
+    from voxgrid.nodes.worker.prepcache import PrepCache
+    from voxgrid.nodes.worker.training import prepare
 
     _add(node, "ct", node["data"] / "nifti" / "images", node["data"] / "nifti" / "labels")
     store = NodeStore(Home(node["home"]).db_file)
@@ -216,7 +216,7 @@ def test_a_job_on_a_swapped_symlink_fails_without_naming_the_path(node):
     import time
 
     from voxgrid import tensors, unet_plan
-    from voxgrid.nodes.service import Caller, NodeService
+    from voxgrid.nodes.service.node import Caller, NodeService
     from voxgrid.plan import initial_weights
     from voxgrid.wire import JobRequest
 

@@ -9,8 +9,8 @@ import pytest
 
 from voxgrid.datasets import SiteSpec, write_site
 from voxgrid.nodes import admin
-from voxgrid.nodes.home import Home
-from voxgrid.nodes.store import NodeStore
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.service.store import NodeStore
 from voxgrid.pki import create_ca, issue_certificate
 from voxgrid.pointers import DatasetPointer, PointerList
 from voxgrid.wire import DatasetInfo

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from voxgrid.nodes.provision import provision
+from voxgrid.nodes.ops.provision import provision
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from voxgrid.nodes import admin, doctor
-from voxgrid.nodes.federation import free_port
-from voxgrid.nodes.home import Home
+from voxgrid.nodes.local.federation import free_port
+from voxgrid.nodes.service.home import Home
 from voxgrid.pki import create_ca, issue_certificate
 
 

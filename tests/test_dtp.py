@@ -11,9 +11,9 @@ import torch
 from monai.losses import DiceCELoss
 
 import voxgrid
-from voxgrid.nodes.objective import DynamicTaskPriority, LocalObjective, dtp_weight, soft_dice
-from voxgrid.nodes.local_state import LocalState
-from voxgrid.nodes.training import DTP_KEY, PreparedData, Trainer, run_job
+from voxgrid.nodes.worker.objective import DynamicTaskPriority, LocalObjective, dtp_weight, soft_dice
+from voxgrid.nodes.worker.local_state import LocalState
+from voxgrid.nodes.worker.training import DTP_KEY, PreparedData, Trainer, run_job
 from voxgrid.plan import PlanError, TaskPriority, build_network
 from cubes import cube_volume  # test support: tests/cubes.py
 

@@ -17,9 +17,9 @@ from monai.metrics import DiceMetric
 from opacus.optimizers.optimizer import _generate_noise
 
 import voxgrid
-import voxgrid.nodes.training as training
-from voxgrid.nodes.objective import LocalObjective
-from voxgrid.nodes.training import Trainer
+import voxgrid.nodes.worker.training as training
+from voxgrid.nodes.worker.objective import LocalObjective
+from voxgrid.nodes.worker.training import Trainer
 from voxgrid.plan import build_network
 
 TINY = dict(channels=(4, 8), strides=(2,), num_res_units=0, patch_size=(16, 16, 16), amp=False)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from voxgrid.datasets import default_sites
-from voxgrid.nodes.federation import LocalFederation
+from voxgrid.nodes.local.federation import LocalFederation
 
 pytestmark = pytest.mark.slow
 

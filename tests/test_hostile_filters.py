@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 
 import voxgrid
 from voxgrid import tensors
-from voxgrid.nodes.training import Trainer, check_update
+from voxgrid.nodes.worker.training import Trainer, check_update
 from voxgrid.plan import build_network
 from voxgrid.privacy import PrivacySpec
 from voxgrid.privacy.mechanisms import (

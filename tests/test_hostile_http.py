@@ -19,7 +19,7 @@ import voxgrid
 from voxgrid import tensors
 from voxgrid.client import NodeClient
 from voxgrid.datasets import default_sites
-from voxgrid.nodes.federation import LocalFederation
+from voxgrid.nodes.local.federation import LocalFederation
 from voxgrid.pki import client_ssl_context
 from voxgrid.plan import initial_weights
 from voxgrid.wire import JobRequest

@@ -25,7 +25,7 @@ WALL_S = 15
 def fed(tmp_path_factory):
     from voxgrid.datasets import default_sites
     from voxgrid.nodes import admin
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
 
     root = tmp_path_factory.mktemp("hostile")
     fed = LocalFederation.create(root, default_sites(n_sites=1, shape=(32, 32, 32), n_volumes=4))

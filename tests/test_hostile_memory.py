@@ -6,8 +6,8 @@ tensors in memory), and the cache of recent weights kept the last four blobs wha
 
 import asyncio
 
-from voxgrid.nodes.app import MAX_UPLOADS, UploadSlots
-from voxgrid.nodes.service import BlobCache, Caller
+from voxgrid.nodes.http.app import MAX_UPLOADS, UploadSlots
+from voxgrid.nodes.service.node import BlobCache, Caller
 
 
 def test_a_callers_uploads_are_read_one_at_a_time_and_all_together_bounded():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_privacy_node import ALICE, GAUSS, OWNER, finish, node, request  # noqa: F401  (fixture)
-from voxgrid.nodes.service import BudgetRefused, Invalid
+from voxgrid.nodes.service.node import BudgetRefused, Invalid
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
 from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity, release_dice
 from voxgrid.wire import BudgetSet, EstimateRequest, Metrics

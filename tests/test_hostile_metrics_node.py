@@ -12,7 +12,7 @@ import voxgrid
 from voxgrid import tensors
 from voxgrid.client import AccessRefused, NodeClient, RequestRefused
 from voxgrid.datasets import default_sites
-from voxgrid.nodes.federation import LocalFederation
+from voxgrid.nodes.local.federation import LocalFederation
 from voxgrid.plan import initial_weights
 from voxgrid.wire import JobRequest
 

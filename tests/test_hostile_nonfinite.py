@@ -27,7 +27,7 @@ BUFFER = "model.0.conv.unit0.adn.N.running_var"  # BatchNorm statistics: unused 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
 
     root = tmp_path_factory.mktemp("hostile-nonfinite")
     fed = LocalFederation.create(root, default_sites(n_sites=1, shape=(32, 32, 32), n_volumes=4))

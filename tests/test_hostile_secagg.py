@@ -7,7 +7,7 @@ failed ("no secure aggregation keys"). Now the bound holds per scientist.
 
 import shutil
 
-from voxgrid.nodes.secure import KEEP_ROUNDS, NodeSecAgg
+from voxgrid.nodes.service.secure import KEEP_ROUNDS, NodeSecAgg
 from voxgrid.pki import create_ca, issue_certificate
 from voxgrid.privacy.secagg import SecAggConfig
 from voxgrid.wire import SecAggKeysRequest, SecureAggregation

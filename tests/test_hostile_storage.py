@@ -23,7 +23,7 @@ def blob(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes.federation import LocalFederation
+    from voxgrid.nodes.local.federation import LocalFederation
 
     root = tmp_path_factory.mktemp("storage")
     fed = LocalFederation.create(root, default_sites(n_sites=1, shape=(32, 32, 32), n_volumes=4))

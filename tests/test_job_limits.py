@@ -12,10 +12,10 @@ from homes import node_home
 
 from voxgrid import tensors, unet_plan
 from voxgrid.nodes import admin
-from voxgrid.nodes.home import Home
-from voxgrid.nodes.limits import FairQueue, JobLimits, LimitExceeded, check_plan, parameter_count, planned_steps
-from voxgrid.nodes.service import Caller, Invalid, NodeService, NotFound, TooManyJobs
-from voxgrid.nodes.store import VolumeRecord
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.service.limits import FairQueue, JobLimits, LimitExceeded, check_plan, parameter_count, planned_steps
+from voxgrid.nodes.service.node import Caller, Invalid, NodeService, NotFound, TooManyJobs
+from voxgrid.nodes.service.store import VolumeRecord
 from voxgrid.wire import JobRequest
 
 ALICE, BOB, OWNER = Caller("alice", "scientist"), Caller("bob", "scientist"), Caller("owner", "owner")
@@ -238,7 +238,7 @@ def test_resident_memory_counts_a_process_and_its_children():
     import sys
     import time
 
-    from voxgrid.nodes.limits import process_tree, tree_rss
+    from voxgrid.nodes.service.limits import process_tree, tree_rss
 
     code = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'x = bytearray(64 << 20); " \
            "import time; time.sleep(30)']); time.sleep(30)"

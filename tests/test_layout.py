@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["voxgrid", "voxgrid.strategies", "voxgrid.nodes", "voxgrid.datasets", "voxgrid.privacy",
+SUBPACKAGES = ["voxgrid", "voxgrid.strategies", "voxgrid.nodes", "voxgrid.nodes.service", "voxgrid.nodes.worker",
+               "voxgrid.nodes.http", "voxgrid.nodes.ops", "voxgrid.nodes.local", "voxgrid.datasets", "voxgrid.privacy",
                "voxgrid.privacy.secagg"]
+HTTP = ("fastapi", "starlette", "uvicorn", "voxgrid.nodes.http")
 
 
 def _imports(folder: Path) -> set[str]:
@@ -27,6 +29,26 @@ def _imports(folder: Path) -> set[str]:
 def test_scientist_side_never_imports_nodes():
     bad = {m for m in _imports(ROOT / "voxgrid") if m.startswith("voxgrid.nodes")}
     assert not bad, f"voxgrid/ imports the node side: {bad}"
+
+
+def _uses(folder: Path, prefixes) -> set[str]:
+    return {m for m in _imports(folder) if any(m == p or m.startswith(p + ".") for p in prefixes)}
+
+
+def test_service_layer_knows_no_http():
+    # Role checks and behaviour live here, so every transport (direct HTTPS, the relay) reaches the same code.
+    bad = _uses(ROOT / "nodes" / "service", HTTP)
+    assert not bad, f"nodes/service/ imports the HTTP layer: {bad}"
+
+
+def test_worker_knows_no_http_and_no_service_routes():
+    bad = _uses(ROOT / "nodes" / "worker", HTTP + ("voxgrid.nodes.ops", "voxgrid.nodes.local"))
+    assert not bad, f"nodes/worker/ imports {bad}"
+
+
+def test_nodes_has_only_its_sub_packages_at_the_top():
+    top = sorted(p.name for p in (ROOT / "nodes").glob("*.py"))
+    assert top == ["__init__.py"], f"modules belong in a sub-package of nodes/: {top}"
 
 
 @pytest.mark.parametrize("folder", ["datasets", "privacy"])
@@ -78,5 +100,5 @@ def test_a_built_copy_maps_every_folder_into_the_namespace(tmp_path):
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     files = out.stdout.split()
     assert len(files) == len(SUBPACKAGES) and all(f.startswith(str(target)) for f in files), files
-    assert (target / "voxgrid" / "nodes" / "service.py").is_file()
+    assert (target / "voxgrid" / "nodes" / "service" / "node.py").is_file()
     assert not (target / "nodes").exists() and not (target / "datasets").exists()

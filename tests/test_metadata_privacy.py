@@ -24,7 +24,7 @@ from voxgrid.datasets import (
     write_nifti,
 )
 from voxgrid.nodes import admin
-from voxgrid.nodes.federation import LocalFederation
+from voxgrid.nodes.local.federation import LocalFederation
 
 import voxgrid
 from voxgrid import tensors

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import voxgrid
-from voxgrid.nodes.local_state import LocalState
-from voxgrid.nodes.training import PreparedData, Trainer, run_job
+from voxgrid.nodes.worker.local_state import LocalState
+from voxgrid.nodes.worker.training import PreparedData, Trainer, run_job
 from voxgrid.plan import initial_weights, local_keys
 from voxgrid.pointers import DatasetPointer
 from voxgrid.selection import ModelSelection

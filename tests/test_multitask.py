@@ -7,9 +7,9 @@ import torch
 
 import voxgrid
 from voxgrid.baselines import finetune, finetune_plan
-from voxgrid.nodes.local_state import LocalState
-from voxgrid.nodes.objective import freeze_except
-from voxgrid.nodes.training import PreparedData, Trainer, run_job
+from voxgrid.nodes.worker.local_state import LocalState
+from voxgrid.nodes.worker.objective import freeze_except
+from voxgrid.nodes.worker.training import PreparedData, Trainer, run_job
 from voxgrid.plan import PlanError, build_network, initial_weights, local_keys
 from voxgrid.pointers import DatasetPointer
 from voxgrid.tensors import digest, dumps, loads

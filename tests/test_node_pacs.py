@@ -12,9 +12,9 @@ from test_pacs import OUR_AE, PASSWORD, USER, Orthanc, _free_port  # skips here 
 
 import voxgrid
 from voxgrid.datasets import SiteSpec, VolumeSource, load_volume, series_case_id, write_site
-from voxgrid.nodes.federation import free_port
-from voxgrid.nodes.home import Home
-from voxgrid.nodes.store import NodeStore
+from voxgrid.nodes.local.federation import free_port
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.service.store import NodeStore
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_add_from_pacs_then_replace_downloads_nothing(node):
         vol = load_volume(VolumeSource(case_id=v.case_id, image=v.image, label=v.label, kind=v.kind,
                                        series_uid=v.series_uid))
         assert vol.image.shape == SITE.shape and vol.label is not None and vol.label.max() == 1
-    from voxgrid.nodes.training import prepare  # torch: only here
+    from voxgrid.nodes.worker.training import prepare  # torch: only here
 
     data = prepare([v.__dict__ for v in ds.volumes], ds.label_names, voxgrid.unet_plan(["background", "pancreas"]))
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 1, "val": 1, "test": 1}

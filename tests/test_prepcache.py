@@ -1,4 +1,4 @@
-"""The node's on-disk cache of preprocessed volumes (nodes/prepcache.py), through training.prepare."""
+"""The node's on-disk cache of preprocessed volumes (nodes/worker/prepcache.py), through training.prepare."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 from voxgrid.datasets import write_dicom_series, write_nifti
 from voxgrid.nodes import training
 from voxgrid.nodes import admin
-from voxgrid.nodes.home import Home
-from voxgrid.nodes.prepcache import PrepCache
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.worker.prepcache import PrepCache
 from voxgrid.pki import create_ca, issue_certificate
 
 import voxgrid

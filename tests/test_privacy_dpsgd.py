@@ -7,9 +7,9 @@ import torch
 from monai.data import MetaTensor
 
 import voxgrid
-from voxgrid.nodes.service import Invalid
-from voxgrid.nodes.store import NodeStore, VolumeRecord
-from voxgrid.nodes.training import Trainer, refuse_for_dp_sgd
+from voxgrid.nodes.service.node import Invalid
+from voxgrid.nodes.service.store import NodeStore, VolumeRecord
+from voxgrid.nodes.worker.training import Trainer, refuse_for_dp_sgd
 from voxgrid.plan import PlanError, build_network
 from voxgrid.privacy import Ledger, PrivacySpec, PrivacySpecError, TrainingContext
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
@@ -158,7 +158,7 @@ def test_volumes_of_one_patient_are_one_unit_in_the_ledger(tmp_path):
 def test_patients_are_stored_and_kept_in_one_split(tmp_path):
     from voxgrid.datasets import SiteSpec, write_site
     from voxgrid.nodes import admin
-    from voxgrid.nodes.home import Home
+    from voxgrid.nodes.service.home import Home
 
     from voxgrid.pki import create_ca, issue_certificate
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from voxgrid.client import GridClient
-from voxgrid.nodes.federation import free_port
-from voxgrid.nodes.launchers import write_service_files
-from voxgrid.nodes.provision import ProjectError, load_project, provision
+from voxgrid.nodes.local.federation import free_port
+from voxgrid.nodes.ops.launchers import write_service_files
+from voxgrid.nodes.ops.provision import ProjectError, load_project, provision
 
 VENV_BIN = Path(sys.executable).parent
 

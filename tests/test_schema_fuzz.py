@@ -19,7 +19,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
                                  response_schema_conformance, status_code_conformance)
 
 from voxgrid.datasets import default_sites
-from voxgrid.nodes.federation import LocalFederation
+from voxgrid.nodes.local.federation import LocalFederation
 from voxgrid.pki import client_ssl_context
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import voxgrid
-from voxgrid.nodes.objective import LocalObjective, proximal_term, restrict_to_annotated
-from voxgrid.nodes.training import Trainer
+from voxgrid.nodes.worker.objective import LocalObjective, proximal_term, restrict_to_annotated
+from voxgrid.nodes.worker.training import Trainer
 from voxgrid.plan import build_loss, build_network
 from cubes import cube_volume  # test support: tests/cubes.py
 

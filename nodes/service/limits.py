@@ -22,7 +22,7 @@ from pydantic import Field
 
 from voxgrid.plan import Plan
 
-from .home import ConfigSection
+from voxgrid.nodes.service.home import ConfigSection
 
 
 class JobLimits(ConfigSection):

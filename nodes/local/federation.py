@@ -19,8 +19,8 @@ from pathlib import Path
 from voxgrid.datasets import SiteSpec, default_sites, write_site
 from voxgrid.pki import create_ca, issue_certificate
 
-from . import admin
-from .home import Home
+from voxgrid.nodes.ops import admin
+from voxgrid.nodes.service.home import Home
 
 
 def free_port() -> int:

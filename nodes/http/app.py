@@ -1,4 +1,4 @@
-"""HTTPS routes of a data node: thin adapters over :class:`~voxgrid.nodes.service.NodeService`."""
+"""HTTPS routes of a data node: thin adapters over :class:`~voxgrid.nodes.service.node.NodeService`."""
 
 import asyncio
 from contextlib import asynccontextmanager
@@ -14,8 +14,8 @@ from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry
                           NodeInfo, Problem, RevealedShare, RevealRequest, SecAggKeysRequest, SecAggMaskedRequest,
                           SecAggSharesRequest, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
-from .http import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
-from .service import NodeService
+from voxgrid.nodes.http.problems import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
+from voxgrid.nodes.service.node import NodeService
 
 OCTETS = "application/octet-stream"
 #: Weights uploads read at once, node-wide and per caller: each holds its body (up to 512 MiB) and the

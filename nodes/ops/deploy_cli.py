@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _doctor(kind: str):
     def run(args):
-        from . import doctor
+        from voxgrid.nodes.ops import doctor
 
         checks = doctor.diagnose(args.home, kind, timeout=args.timeout, gpu=kind == "node")
         if args.json:
@@ -26,7 +26,7 @@ def _doctor(kind: str):
 
 def _service_files(kind: str):
     def run(args):
-        from .launchers import write_service_files
+        from voxgrid.nodes.ops.launchers import write_service_files
 
         for path in write_service_files(args.home, args.out, kind, user=args.user, voxgrid=args.voxgrid):
             print(path)
@@ -34,20 +34,20 @@ def _service_files(kind: str):
 
 
 def _import_tokens(args) -> None:
-    from .provision import import_token_hashes
+    from voxgrid.nodes.ops.provision import import_token_hashes
 
     n = import_token_hashes(args.home, args.file, "grid")
     print(f"{n} token hash(es) from {args.file} authorised at the grid")
 
 
 def _provision(args) -> None:
-    from .provision import provision
+    from voxgrid.nodes.ops.provision import provision
 
     print(json.dumps(provision(args.project, args.out), indent=1))
 
 
 def _wheelhouse(args) -> None:
-    from .wheelhouse import build
+    from voxgrid.nodes.ops.wheelhouse import build
 
     wheels = build(args.out, source=args.source, extras=args.extras, torch=args.torch, platform=args.platform,
                    python_version=args.python_version)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from voxgrid.wire import MAX_BODY_BYTES, API_PREFIX, Problem
 
-from .service import Caller, ServiceError, TooLarge, redact
+from voxgrid.nodes.service.node import Caller, ServiceError, TooLarge, redact
 
 log = logging.getLogger("voxgrid.http")
 

@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from . import admin
-from .home import Home
+from voxgrid.nodes.ops import admin
+from voxgrid.nodes.service.home import Home
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -164,7 +164,7 @@ def _dataset_add_pacs(args) -> None:
 
 
 def _dataset_list(args) -> None:
-    from .store import NodeStore
+    from voxgrid.nodes.service.store import NodeStore
 
     home = Home(args.home, "node")
     home.load()
@@ -206,7 +206,7 @@ def _privacy_report(args) -> None:
 
 
 def _cache(args) -> None:
-    from .prepcache import PrepCache
+    from voxgrid.nodes.worker.prepcache import PrepCache
 
     home = Home(args.home, "node")
     home.load()  # a clear error for a folder that is not a node home
@@ -244,22 +244,22 @@ def _add_cert(sub, kind: str) -> None:
 
 
 def _start_node(args) -> None:
-    from .server import serve_node
+    from voxgrid.nodes.http.server import serve_node
 
     _logging(args)
     serve_node(Home(args.home, "node"), args.host, args.port)
 
 
 def _start_grid(args) -> None:
-    from .server import serve_grid
+    from voxgrid.nodes.http.server import serve_grid
 
     _logging(args)
     serve_grid(Home(args.home, "grid"), args.host, args.port)
 
 
 def _register(args) -> None:
-    from .server import register_with_grid
-    from .service import NodeService
+    from voxgrid.nodes.http.server import register_with_grid
+    from voxgrid.nodes.service.node import NodeService
 
     if args.grid:
         admin.set_grid(args.home, args.grid, args.grid_token_file)
@@ -370,7 +370,7 @@ def register(sub) -> None:
     _add_cert(grid, "grid")
     _add_start_status(grid, "grid", _start_grid)
 
-    from .deploy_cli import add_commands as add_deploy_commands  # doctor, service-files, provision
+    from voxgrid.nodes.ops.deploy_cli import add_commands as add_deploy_commands  # doctor, service-files, provision
 
     add_deploy_commands(sub, node, grid)
 
@@ -381,6 +381,6 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for privacy-report.html and .json")
     p.set_defaults(func=_privacy_report)
 
-    from .demo import add_demo_parser
+    from voxgrid.nodes.local.demo import add_demo_parser
 
     add_demo_parser(sub)

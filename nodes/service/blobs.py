@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .home import ConfigSection, Home
+from voxgrid.nodes.service.home import ConfigSection, Home
 
 log = logging.getLogger("voxgrid.node.storage")
 
@@ -75,7 +75,7 @@ def human(n: float) -> str:
 
 
 def _iso(t: datetime) -> str:
-    """The format of :func:`voxgrid.nodes.db.now`, so stamps compare as strings with the jobs table's."""
+    """The format of :func:`voxgrid.nodes.service.db.now`, so stamps compare as strings with the jobs table's."""
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 

@@ -14,8 +14,8 @@ import uvicorn
 
 from voxgrid.client import GridClient, VoxgridError
 
-from .home import Home
-from .protocol import BoundedHttpProtocol
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.http.protocol import BoundedHttpProtocol
 
 log = logging.getLogger("voxgrid.server")
 
@@ -52,8 +52,8 @@ def _write_run_file(home: Home, url: str) -> None:
 
 def serve_node(home: Home, host: str | None = None, port: int | None = None) -> None:
     """Run a data node in the foreground until SIGINT/SIGTERM."""
-    from .app import create_app
-    from .service import NodeService
+    from voxgrid.nodes.http.app import create_app
+    from voxgrid.nodes.service.node import NodeService
 
     service = NodeService(home)
     cfg = service.config
@@ -111,7 +111,7 @@ def register_with_grid(service, attempts: int = 30) -> bool:
 
 
 def serve_grid(home: Home, host: str | None = None, port: int | None = None) -> None:
-    from .grid import GridService, create_grid_app
+    from voxgrid.nodes.http.grid import GridService, create_grid_app
 
     service = GridService(home)
     cfg = service.config

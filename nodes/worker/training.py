@@ -31,8 +31,8 @@ from voxgrid.privacy.mechanisms import NonFiniteUpdate, secure_generator
 from voxgrid.privacy.metrics import MetricsRelease, release_dice
 from voxgrid.privacy.spec import DPSGD, TrainingContext
 
-from .local_state import LocalState
-from .objective import LocalObjective, freeze_except
+from voxgrid.nodes.worker.local_state import LocalState
+from voxgrid.nodes.worker.objective import LocalObjective, freeze_except
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .home import Home, HomeError, ServerConfig
+from voxgrid.nodes.service.home import Home, HomeError, ServerConfig
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CERT_WARN_DAYS = 30
@@ -205,7 +205,7 @@ def check_storage(home: Home, cfg: ServerConfig | None) -> Check:
     """What stored weights and updates take, the most any scientist is charged, and the storage policy."""
     if cfg is None or cfg.kind != "node":
         return Check("storage", OK, "not a node: no blobs")
-    from .blobs import StoragePolicy, human, storage_report
+    from voxgrid.nodes.service.blobs import StoragePolicy, human, storage_report
 
     try:
         policy = StoragePolicy.parse(cfg.storage)

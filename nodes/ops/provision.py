@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from voxgrid.pki import _san_entries, create_ca, issue_certificate, load_ca
 from voxgrid.wire import NAME_RE
 
-from .db import Database, hash_token, new_token, now
-from .home import Home
+from voxgrid.nodes.service.db import Database, hash_token, new_token, now
+from voxgrid.nodes.service.home import Home
 
 
 class ProjectError(ValueError):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from voxgrid.wire import DatasetInfo, JobRequest, JobStatus, Metrics
 
-from .db import Database, now
+from voxgrid.nodes.service.db import Database, now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (

@@ -34,13 +34,13 @@ from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, Datase
                           RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
                           TokenIssued, WeightsRef, WhoAmI)
 
-from .blobs import BlobStore, OverQuota, StoragePolicy
-from .executor import Executor
-from .home import Home
-from .limits import JobLimits, LimitExceeded, check_plan
-from .secure import NodeSecAgg, SecureAggregationRefused, parse_config
-from .store import NodeStore, new_job_id
-from .waits import JobWaits
+from voxgrid.nodes.service.blobs import BlobStore, OverQuota, StoragePolicy
+from voxgrid.nodes.service.executor import Executor
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
+from voxgrid.nodes.service.secure import NodeSecAgg, SecureAggregationRefused, parse_config
+from voxgrid.nodes.service.store import NodeStore, new_job_id
+from voxgrid.nodes.service.waits import JobWaits
 
 log = logging.getLogger("voxgrid.node")
 
@@ -121,7 +121,7 @@ class TooLarge(ServiceError):
 
 
 class QuotaExceeded(TooLarge):
-    """An upload past the scientist's storage quota (nodes/blobs.py): a 4xx, the caller's to fix by reuse or
+    """An upload past the scientist's storage quota (nodes/service/blobs.py): a 4xx, the caller's to fix by reuse or
     by waiting for expiry, not a node fault a client would retry (507) nor a rate limit (429)."""
 
     title = "Storage quota exceeded"
@@ -151,7 +151,7 @@ class Caller:
 
 
 def authenticate(db, token: str | None) -> Caller:
-    """The caller a bearer token belongs to (``db`` is a :class:`~voxgrid.nodes.db.Database`)."""
+    """The caller a bearer token belongs to (``db`` is a :class:`~voxgrid.nodes.service.db.Database`)."""
     if not token:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     found = db.check_token(token)
@@ -184,7 +184,7 @@ class NodeService:
         self._weights = BlobCache(keep=4)
         self._updates = BlobCache(keep=8)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
-        # Who keeps which weights, quotas and expiry (nodes/blobs.py); the sweep evicts the caches too.
+        # Who keeps which weights, quotas and expiry (nodes/service/blobs.py); the sweep evicts the caches too.
         self.storage = StoragePolicy.parse(self.config.storage)
         self.blobs = BlobStore(self.store, home, self.storage, evict_weights=self._weights.discard,
                                evict_update=self._updates.discard)
@@ -616,7 +616,7 @@ class NodeService:
         blob = self._updates.get(job_id)
         return blob if blob is not None else (self.home.updates / f"{job_id}.safetensors").read_bytes()
 
-    # secure aggregation (voxgrid.privacy.secagg; the node's side is nodes/secure.py) -------------
+    # secure aggregation (voxgrid.privacy.secagg; the node's side is nodes/service/secure.py) -------------
     @contextmanager
     def _secagg_refusals(self, caller: Caller, what: str):
         try:

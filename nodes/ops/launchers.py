@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .home import Home
+from voxgrid.nodes.service.home import Home
 
 _SYSTEMD_SPECIALS = str.maketrans({"%": "%%", "\\": "\\\\", '"': '\\"'})
 

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .limits import FairQueue, JobLimits, process_tree, tree_rss
+from voxgrid.nodes.service.limits import FairQueue, JobLimits, process_tree, tree_rss
 
 log = logging.getLogger("voxgrid.executor")
 
@@ -234,9 +234,9 @@ def worker_main(conn, device: str, threads: int, state_dir: str | None = None, c
         torch.set_num_threads(threads)
     from voxgrid import components
 
-    from .local_state import LocalState
-    from .prepcache import PrepCache
-    from .training import Trainer, pick_device
+    from voxgrid.nodes.worker.local_state import LocalState
+    from voxgrid.nodes.worker.prepcache import PrepCache
+    from voxgrid.nodes.worker.training import Trainer, pick_device
 
     runner = JobRunner(Trainer(pick_device(device)), LocalState(state_dir), PrepCache(cache_dir) if cache_dir else None)
     for kind in ("network", "loss", "optimizer", "transform"):  # the allowlist's imports, before any job waits
@@ -279,9 +279,9 @@ class JobRunner:
         from voxgrid.privacy.metrics import MetricsRelease
         from voxgrid.wire import JobRequest
 
-        from .limits import planned_steps
-        from .secure import noise_share
-        from .training import run_job
+        from voxgrid.nodes.service.limits import planned_steps
+        from voxgrid.nodes.service.secure import noise_share
+        from voxgrid.nodes.worker.training import run_job
 
         req = JobRequest.model_validate(job["request"])
         plan = Plan.model_validate(req.plan)
@@ -303,7 +303,7 @@ class JobRunner:
 
     def data(self, job_id: str, req, plan, ds: dict):
         """The dataset's volumes prepared for ``plan`` (one dataset kept at a time: volumes are large)."""
-        from .training import prepare
+        from voxgrid.nodes.worker.training import prepare
 
         key = (req.dataset, ds["fingerprint"], json.dumps(plan.preprocessing, sort_keys=True), tuple(plan.labels))
         if key not in self._data:

@@ -10,10 +10,10 @@ import voxgrid
 from voxgrid.wire import API_PREFIX, Health, NodeInfo, NodeRegistration, SearchResponse, SearchResult, WhoAmI, \
     normalise_tag
 
-from .db import Database, now
-from .home import Home
-from .http import ERRORS, caller_dependency, install_problem_handlers
-from .service import Caller, Forbidden, Invalid, authenticate, require
+from voxgrid.nodes.service.db import Database, now
+from voxgrid.nodes.service.home import Home
+from voxgrid.nodes.http.problems import ERRORS, caller_dependency, install_problem_handlers
+from voxgrid.nodes.service.node import Caller, Forbidden, Invalid, authenticate, require
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (

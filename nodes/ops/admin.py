@@ -11,8 +11,8 @@ from voxgrid.datasets import VolumeError, load_volume, scan_folder
 from voxgrid.datasets.folder import read_geometry
 from voxgrid.wire import NAME_RE, normalise_tag
 
-from .home import Home, HomeError, check_data_roots
-from .store import NodeStore, VolumeRecord
+from voxgrid.nodes.service.home import Home, HomeError, check_data_roots
+from voxgrid.nodes.service.store import NodeStore, VolumeRecord
 
 SPLITS = ("train", "val", "test")
 
@@ -21,9 +21,9 @@ def init_home(kind: str, path: Path, name: str, *, ca_cert: Path, cert: Path, ke
     """Create a node or grid home and its owner token; returns the owner token (also in HOME/owner.token)."""
     home = Home(path, kind)
     home.create(name, ca_cert=ca_cert, cert=cert, key=key, **config)
-    from .db import Database
-    from .grid import SCHEMA as GRID_SCHEMA
-    from .store import SCHEMA as NODE_SCHEMA
+    from voxgrid.nodes.service.db import Database
+    from voxgrid.nodes.http.grid import SCHEMA as GRID_SCHEMA
+    from voxgrid.nodes.service.store import SCHEMA as NODE_SCHEMA
 
     db = Database(home.db_file, NODE_SCHEMA if kind == "node" else GRID_SCHEMA)
     try:
@@ -47,7 +47,7 @@ def set_data_roots(path: Path, roots: list[Path]) -> list[str]:
 def set_limits(path: Path, **changes) -> dict:
     """Change a node's job limits (:class:`~.limits.JobLimits`; a value of None returns that limit to
     its default). Restart a running node to apply them. Returns every limit, defaults included."""
-    from .limits import JobLimits
+    from voxgrid.nodes.service.limits import JobLimits
 
     unknown = set(changes) - set(JobLimits.model_fields)
     if unknown:
@@ -76,7 +76,7 @@ def cancel_job(path: Path, job_id: str) -> dict:
                 return c.cancel(job_id).model_dump(mode="json")
         except Unreachable:
             pass  # a stale run.json: the node is not running
-    from .service import Caller, NodeService, ServiceError
+    from voxgrid.nodes.service.node import Caller, NodeService, ServiceError
 
     service = NodeService(home, start_executor=False)
     try:
@@ -236,7 +236,7 @@ def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | 
     if not NAME_RE.match(name):
         raise ValueError(f"invalid name {name!r}: use letters, digits, '.', '_' or '-'")
     existing = token_file.read_text().strip() if token_file and token_file.is_file() else None
-    from .db import Database
+    from voxgrid.nodes.service.db import Database
 
     db = Database(home.db_file, "")
     try:
@@ -257,7 +257,7 @@ def set_budget(path: Path, dataset: str, epsilon: float, delta: float, scientist
 
     from voxgrid.wire import BudgetSet
 
-    from .service import Caller, NodeService, ServiceError
+    from voxgrid.nodes.service.node import Caller, NodeService, ServiceError
 
     try:
         req = BudgetSet(dataset=dataset, scientist=scientist, epsilon=epsilon, delta=delta)
@@ -471,7 +471,7 @@ def rotate_certificate(path: Path, kind: str = "node", *, cert: Path | None = No
 
     from voxgrid.pki import CertificateError, certificate_info, issue_certificate, load_ca, verify_certificate
 
-    from .doctor import _cert_hosts, _names_host, configured_host
+    from voxgrid.nodes.ops.doctor import _cert_hosts, _names_host, configured_host
 
     home = Home(path, kind)
     cfg = home.load()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from voxgrid.datasets import default_sites
 
-from .admin import privacy_report
-from .federation import LocalFederation
+from voxgrid.nodes.ops.admin import privacy_report
+from voxgrid.nodes.local.federation import LocalFederation
 
 #: The demo's DP-SGD: patient-level, noise multiplier and per-patient gradient clip (L2).
 DEMO_DP_NOISE = 1.0

@@ -1,0 +1,1 @@
+"""The local federation (several nodes on one machine) and the demo."""

@@ -1,0 +1,1 @@
+"""Operations: admin functions, the node CLI, doctor, provisioning, launchers, wheelhouse."""

@@ -1,0 +1,1 @@
+"""The service layer: typed messages in and out, role checks, store, ledger, executor; no HTTP."""
