@@ -203,71 +203,96 @@ def _sop_name(ds) -> str:
     return uid.name if uid else "unknown SOP class"
 
 
-def _classify(uid: str, items: list[tuple[Path, pydicom.Dataset]], rules: SeriesRules) -> SeriesSummary:
-    first = items[0][1]
-    modality = str(first.get("Modality", "") or "").upper()
-    description = str(first.get("SeriesDescription", "") or "")
-    summary = SeriesSummary(uid=uid, modality=modality, description=description, slices=0)
-    notes: list[str] = []
+class _Skip(Exception):
+    """A series that is not a usable volume; the message is the reason it is skipped."""
 
-    def skip(reason: str) -> SeriesSummary:
-        summary.skipped, summary.notes = reason, tuple(notes)
-        return summary
 
+def _image_objects(items: list[tuple[Path, pydicom.Dataset]], notes: list[str]) -> list[tuple[Path, pydicom.Dataset]]:
+    """The objects with pixel data (Rows); presentation states, reports, ... are noted and ignored."""
     images = [(p, ds) for p, ds in items if "Rows" in ds]
     if not images:
-        return skip(f"non-image object ({_sop_name(first)})")
-    summary.slices = sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in images)
+        raise _Skip(f"non-image object ({_sop_name(items[0][1])})")
     if len(images) < len(items):
         notes.append(f"ignored {len(items) - len(images)} non-image object(s)")
+    return images
+
+
+def _volume_images(images: list[tuple[Path, pydicom.Dataset]], notes: list[str]) -> list[tuple[Path, pydicom.Dataset]]:
+    """The images that may form a volume: no segmentation or colour series; localizer images dropped."""
     if any(ds.get("SOPClassUID") == _SEGMENTATION for _, ds in images):
-        return skip("segmentation object (a label map, not an image)")
+        raise _Skip("segmentation object (a label map, not an image)")
     if any(int(ds.get("SamplesPerPixel", 1) or 1) != 1 for _, ds in images):
-        return skip("colour image (SamplesPerPixel is not 1)")
+        raise _Skip("colour image (SamplesPerPixel is not 1)")
     kept = [(p, ds) for p, ds in images if not _is_localizer(ds)]
     if not kept:
-        return skip("localizer (ImageType LOCALIZER)")
+        raise _Skip("localizer (ImageType LOCALIZER)")
     if len(kept) < len(images):
         notes.append(f"dropped {len(images) - len(kept)} localizer image(s) (ImageType LOCALIZER)")
+    return kept
 
+
+def _slices(kept: list[tuple[Path, pydicom.Dataset]]) -> list[Slice]:
+    """One Slice per frame: enhanced objects by their per-frame groups, classic ones by their own geometry."""
     slices: list[Slice] = []
     for path, ds in kept:
         if ds.get("PerFrameFunctionalGroupsSequence"):  # enhanced CT/MR (one or more files, any frame count)
             slices.extend(_frames(path, ds))
             continue
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            return skip("multi-frame object without per-frame functional groups (no plane positions)")
+            raise _Skip("multi-frame object without per-frame functional groups (no plane positions)")
         missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if t not in ds]
         if missing:
-            return skip(f"no patient geometry ({', '.join(missing)} missing; projection or secondary capture)")
+            raise _Skip(f"no patient geometry ({', '.join(missing)} missing; projection or secondary capture)")
         slope, intercept = _rescale(None, ds)
         slices.append(Slice(path, None, _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
                             tuple(float(v) for v in ds.PixelSpacing), slope, intercept,
                             int(ds.Rows), int(ds.Columns), str(ds.get("SOPInstanceUID", "")), _raw_pixels(ds)))
-    summary.slices = len(slices)
+    return slices
 
-    # Orientation: a single slice in another plane is a localizer; several planes are not a volume.
+
+def _single_orientation(slices: list[Slice], notes: list[str]) -> list[Slice]:
+    """Orientation: a single slice in another plane is a localizer; several planes are not a volume."""
     keys = [tuple(np.round(s.orientation, 3)) for s in slices]
     counts = Counter(keys)
-    if len(counts) > 1:
-        main, n_main = counts.most_common(1)[0]
-        if n_main >= 2 and all(c == 1 for k, c in counts.items() if k != main):
-            notes.append(f"dropped {len(slices) - n_main} single slice(s) in another orientation (localizer)")
-            slices = [s for s, k in zip(slices, keys) if k == main]
-        else:
-            return skip(f"mixed orientations ({len(counts)} planes; multi-planar localizer?)")
+    if len(counts) <= 1:
+        return slices
+    main, n_main = counts.most_common(1)[0]
+    if n_main >= 2 and all(c == 1 for k, c in counts.items() if k != main):
+        notes.append(f"dropped {len(slices) - n_main} single slice(s) in another orientation (localizer)")
+        return [s for s, k in zip(slices, keys, strict=True) if k == main]
+    raise _Skip(f"mixed orientations ({len(counts)} planes; multi-planar localizer?)")
 
-    summary.slices, summary.slice_list = len(slices), slices
-    thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
-    summary.thickness = float(thickness) if thickness else None
+
+def _check_rules(rules: SeriesRules, modality: str, description: str, n_slices: int) -> None:
+    """The site's selection rules: modality, description (and its exclusion), minimum slice count."""
     if rules.modalities and modality not in rules.modalities:
-        return skip(f"modality {modality or 'missing'} not in {list(rules.modalities)}")
+        raise _Skip(f"modality {modality or 'missing'} not in {list(rules.modalities)}")
     if rules.description is not None and not re.search(rules.description, description, re.IGNORECASE):
-        return skip("series description does not match the rule")
+        raise _Skip("series description does not match the rule")
     if rules.exclude_description is not None and re.search(rules.exclude_description, description, re.IGNORECASE):
-        return skip("series description matches the exclusion rule (localizer/scout)")
-    if len(slices) < rules.min_slices:
-        return skip(f"{len(slices)} slice(s), fewer than the minimum {rules.min_slices}")
+        raise _Skip("series description matches the exclusion rule (localizer/scout)")
+    if n_slices < rules.min_slices:
+        raise _Skip(f"{n_slices} slice(s), fewer than the minimum {rules.min_slices}")
+
+
+def _classify(uid: str, items: list[tuple[Path, pydicom.Dataset]], rules: SeriesRules) -> SeriesSummary:
+    first = items[0][1]
+    modality = str(first.get("Modality", "") or "").upper()
+    description = str(first.get("SeriesDescription", "") or "")
+    summary = SeriesSummary(uid=uid, modality=modality, description=description, slices=0)
+    notes: list[str] = []
+    try:
+        images = _image_objects(items, notes)
+        summary.slices = sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in images)
+        slices = _slices(_volume_images(images, notes))
+        summary.slices = len(slices)
+        slices = _single_orientation(slices, notes)
+        summary.slices, summary.slice_list = len(slices), slices
+        thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
+        summary.thickness = float(thickness) if thickness else None
+        _check_rules(rules, modality, description, len(slices))
+    except _Skip as skip:
+        summary.skipped = str(skip)
     summary.notes = tuple(notes)
     return summary
 

@@ -84,19 +84,15 @@ def _find_label(labels: Path, case_id: str) -> Path | None:
     return None
 
 
-def scan_folder(images: str | Path, labels: str | Path | None = None) -> list[VolumeSource]:
-    """List the cases in `images`: NIfTI files (case id = name without .nii/.nii.gz) and/or one
-    subfolder per DICOM series (case id = subfolder name). With `labels`, every case needs
-    `labels/<case_id>.nii.gz` (or .nii). Sorted by case_id. Nothing is read yet.
-    """
-    images = Path(images)
-    if not images.is_dir():
-        raise VolumeError(f"image folder {images} does not exist or is not a folder")
-    if labels is not None:
-        labels = Path(labels)
-        if not labels.is_dir():
-            raise VolumeError(f"label folder {labels} does not exist or is not a folder")
+def _existing_folder(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise VolumeError(f"{what} folder {path} does not exist or is not a folder")
+    return path
 
+
+def _image_entries(images: Path) -> dict[str, tuple[Path, str]]:
+    """case id -> (entry, kind) for the NIfTI files and non-empty DICOM subfolders of `images`."""
     found: dict[str, tuple[Path, str]] = {}
     for entry in sorted(images.iterdir()):
         if entry.name.startswith("."):
@@ -114,6 +110,18 @@ def scan_folder(images: str | Path, labels: str | Path | None = None) -> list[Vo
         found[case_id] = (entry, kind)
     if not found:
         raise VolumeError(f"image folder {images} holds no NIfTI files and no DICOM series subfolders")
+    return found
+
+
+def scan_folder(images: str | Path, labels: str | Path | None = None) -> list[VolumeSource]:
+    """List the cases in `images`: NIfTI files (case id = name without .nii/.nii.gz) and/or one
+    subfolder per DICOM series (case id = subfolder name). With `labels`, every case needs
+    `labels/<case_id>.nii.gz` (or .nii). Sorted by case_id. Nothing is read yet.
+    """
+    images = _existing_folder(images, "image")
+    if labels is not None:
+        labels = _existing_folder(labels, "label")
+    found = _image_entries(images)
 
     sources = []
     for case_id in sorted(found):

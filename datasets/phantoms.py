@@ -96,7 +96,7 @@ def _pancreas(rng, x, y, z):
     radii = scale * (0.14 - 0.04 * t[:, 0])
     heights = scale * (0.24 - 0.06 * t[:, 0])
     r2 = np.full(np.broadcast_shapes(x.shape, y.shape, z.shape), np.inf, dtype=np.float32)
-    for c, r, h in zip(centres, radii, heights):
+    for c, r, h in zip(centres, radii, heights, strict=True):
         np.minimum(r2, _ellipsoid(x, y, z, c, (r, r, h)), out=r2)
     return r2, centres, radii
 
@@ -116,7 +116,7 @@ def make_phantom(site: SiteSpec, index: int) -> Volume:
         raise ValueError(f"site {site.name}: unknown label classes {sorted(unknown)}; known: {list(_CLASSES)}")
     rng = np.random.default_rng([site.seed, index])
     axes = [((np.arange(n) - (n - 1) / 2) * sp / (n * ref / 2)).astype(np.float32)
-            for n, sp, ref in zip(site.shape, site.spacing, _REF_SPACING)]
+            for n, sp, ref in zip(site.shape, site.spacing, _REF_SPACING, strict=True)]
     x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
     hu = lambda mean, sd=5.0: float(rng.normal(mean, sd))  # noqa: E731 - per-case contrast timing varies
 
@@ -174,6 +174,11 @@ def make_phantom(site: SiteSpec, index: int) -> Volume:
     return Volume(image=image, affine=affine, label=label)
 
 
+def _uid(site: SiteSpec, index: int, what: str) -> str:
+    """A DICOM UID that is the same for the same site, case and `what` ("study", "series") on every run."""
+    return generate_uid(entropy_srcs=[site.name, str(site.seed), str(index), what])
+
+
 def write_site(site: SiteSpec, out_dir: str | Path, fmt: str = "nifti") -> Path:
     """Write all cases of `site` under out_dir: images/<case>.nii.gz (fmt "nifti") or images/<case>/
     DICOM series with fake PHI (fmt "dicom"), plus labels/<case>.nii.gz; case ids "<site>-000", ...
@@ -188,13 +193,12 @@ def write_site(site: SiteSpec, out_dir: str | Path, fmt: str = "nifti") -> Path:
             write_nifti(out_dir / "images" / f"{case}.nii.gz", volume.image, volume.affine)
         else:
             phi = np.random.default_rng([site.seed, index, 1])
-            uid = lambda what: generate_uid(entropy_srcs=[site.name, str(site.seed), str(index), what])  # noqa: E731
             write_dicom_series(
                 out_dir / "images" / case, volume.image, volume.affine,
                 patient_name=f"PHANTOM^{site.name.upper()}^{index:03d}",
                 patient_id=f"PH-{site.name.upper()}-{index:04d}",
                 series_description=f"{site.name} phantom CT",
-                study_instance_uid=uid("study"), series_instance_uid=uid("series"),
+                study_instance_uid=_uid(site, index, "study"), series_instance_uid=_uid(site, index, "series"),
                 institution_name=f"{site.name.title()} Phantom Hospital",
                 accession_number=f"ACC{site.seed % 1000:03d}{index:05d}",
                 birth_date=f"{phi.integers(1940, 1990)}{phi.integers(1, 13):02d}{phi.integers(1, 29):02d}",

@@ -3,7 +3,7 @@
 import time
 from pathlib import Path
 
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.service.store import NodeStore, VolumeRecord
 

@@ -4,19 +4,42 @@ One namespace acts as the switch (a bridge, no address); every host namespace is
 veth pair (``eth0`` in the host, ``p<i>`` on the bridge) and resolves every other host by name
 through its own ``/etc/netns/<ns>/hosts`` (``ip netns exec`` bind-mounts it over ``/etc/hosts``).
 No host namespace has a route out, and the machine's own namespace gets no interface, so nothing
-here can clash with the machine's network. Needs root and iproute2.
+here can clash with the machine's network (:meth:`Lab.route_only` narrows a host's routes further,
+to some lab hosts only). Needs root and iproute2; :meth:`Lab.firewall_inbound` needs
+nftables (``nft``) and :meth:`Lab.proxy` tinyproxy (scripts/setup.sh installs both).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 NETNS_ETC = Path("/etc/netns")
+NETNS_RUN = Path("/run/netns")  # where 'ip netns add' pins each namespace
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# A host's inbound firewall: nothing may open a TCP connection to it from outside; replies to the
+# connections it opens itself come back (conntrack), and its loopback is left alone.
+FIREWALL_INBOUND = """\
+table inet vg_inbound {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iif "lo" accept
+        ct state established,related accept
+        meta l4proto tcp ct state new drop
+    }
+}
+"""
 
 
 def unavailable() -> str | None:
@@ -33,6 +56,22 @@ def unavailable() -> str | None:
     return None
 
 
+def proxy_env(url: str, env: dict | None = None) -> dict:
+    """``env`` (default: this process's environment) for a process that must go out through the proxy
+    at ``url``: every proxy variable set to it, and no exceptions but localhost."""
+    env = dict(os.environ if env is None else env)
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        env[var] = env[var.upper()] = url
+    env["no_proxy"] = env["NO_PROXY"] = "localhost,127.0.0.1"
+    return env
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
 def _ip(*args: str) -> None:
     r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if r.returncode != 0:
@@ -45,6 +84,19 @@ class Host:
     ns: str  # namespace name
     address: str
     port: str  # the switch-side end of its link
+
+
+@dataclass
+class Proxy:
+    """A tinyproxy that :meth:`Lab.proxy` started; :meth:`Lab.close` stops it."""
+
+    host: str  # the lab's key for the host it runs on
+    url: str  # http://<host name>:<port>, with user:password@ when it asks for them
+    address: str
+    port: int
+    conf: Path
+    log: Path  # tinyproxy's own log (LogFile); what it printed goes to ``log`` with .out added
+    proc: subprocess.Popen
 
 
 @dataclass
@@ -104,6 +156,86 @@ class Lab:
                                  start_new_session=True)
         self.procs.append(p)
         return p
+
+    def socket(self, host: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket made in the host's namespace, from this process: it stays there whichever thread uses
+        it. Give it addresses, not names (name look-ups here read the machine's own hosts file)."""
+        made: dict = {}
+
+        def make() -> None:  # setns moves only the calling thread, so do it in one of our own
+            try:
+                with open("/proc/thread-self/ns/net") as own, open(NETNS_RUN / self.hosts[host].ns) as there:
+                    _setns(there.fileno())
+                    try:
+                        made["sock"] = socket.socket(family, kind)
+                    finally:
+                        _setns(own.fileno())
+            except BaseException as exc:  # raised again in the caller's thread
+                made["error"] = exc
+
+        t = threading.Thread(target=make, name=f"netns-{host}")
+        t.start()
+        t.join()
+        if "error" in made:
+            raise made["error"]
+        return made["sock"]
+
+    def firewall_inbound(self, host: str) -> None:
+        """Drop every new TCP connection coming into the host (from any other host; its own loopback is
+        free): it can still connect out and get its replies, and no one can connect to it."""
+        r = subprocess.run(self.argv(host, ["nft", "-f", "-"]), input=FIREWALL_INBOUND, capture_output=True,
+                           text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"nft on {host}: {r.stderr.strip()}")
+
+    def route_only(self, host: str, to: list[str]) -> None:
+        """Leave the host a route to the hosts ``to`` (lab keys) and to nothing else: its route to the lab's
+        subnet goes, and one route per host in ``to`` takes its place. A connection to any other host then
+        fails at once ('Network is unreachable'), as at a site whose only way out is its proxy."""
+        h = self.hosts[host]
+        _ip("-n", h.ns, "route", "del", f"{self.subnet}.0/24", "dev", "eth0")
+        for key in to:
+            _ip("-n", h.ns, "route", "add", f"{self.hosts[key].address}/32", "dev", "eth0")
+
+    def proxy(self, host: str, port: int, folder: Path, connect_ports: list[int],
+              auth: tuple[str, str] | None = None, timeout: float = 10.0) -> Proxy:
+        """Start a tinyproxy on ``host`` listening on ``port``, and wait until it listens. It serves lab
+        clients only and tunnels only: CONNECT to ``connect_ports`` (any lab host), nothing else; a plain
+        ``GET http://...`` is refused (403, by a URL filter that matches only CONNECT's host:port); no
+        ``connect_ports`` at all refuses CONNECT too. With ``auth`` (user, password) it asks for them (407
+        without; 401 for wrong ones). Its config and logs go in ``folder``; its URL names the host by name,
+        with the credentials in it when there are some."""
+        h = self.hosts[host]
+        folder.mkdir(parents=True, exist_ok=True)
+        rules = folder / f"tinyproxy-{host}-{port}.filter"
+        # Under FilterURLs the filter sees a CONNECT as "host:port" and a proxied request as its full
+        # URL ("http://host/..."): allowing only what has no "/" lets tunnels through and nothing else.
+        rules.write_text("^[^/]+:[0-9]+$\n")
+        log = folder / f"tinyproxy-{host}-{port}.log"
+        conf = folder / f"tinyproxy-{host}-{port}.conf"
+        lines = [f"Port {port}", f"Listen {h.address}", "Timeout 600", f"LogFile \"{log}\"", "LogLevel Info",
+                 "MaxClients 100", f"Allow {self.subnet}.0/24", "DisableViaHeader Yes",
+                 f"Filter \"{rules}\"", "FilterURLs Yes", "FilterType ere", "FilterDefaultDeny Yes",
+                 *(f"ConnectPort {p}" for p in connect_ports or [0])]
+        if auth:
+            lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+        conf.write_text("\n".join(lines) + "\n")
+        p = self.popen(host, ["tinyproxy", "-d", "-c", str(conf)], log.with_name(log.name + ".out"))
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.socket(host) as probe:
+                probe.settimeout(1.0)
+                if probe.connect_ex((h.address, port)) == 0:
+                    break
+            if p.poll() is not None or time.monotonic() > deadline:
+                out = log.with_name(log.name + ".out")
+                raise RuntimeError(f"tinyproxy on {host}:{port} " +
+                                   (f"exited with {p.returncode}" if p.poll() is not None else "does not listen") +
+                                   f"; output:\n{out.read_text()[-2000:]}\nlog:\n" +
+                                   (log.read_text()[-2000:] if log.exists() else ""))
+            time.sleep(0.05)
+        cred = f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@" if auth else ""
+        return Proxy(host, f"http://{cred}{h.name}:{port}", h.address, port, conf, log, p)
 
     def cut(self, host: str) -> None:
         """Unplug the host's cable at the switch: its packets go nowhere, and nobody is told."""

@@ -15,7 +15,7 @@ import torch
 from homes import node_home
 
 from voxgrid import tensors, unet_plan
-from voxgrid.nodes import doctor
+from voxgrid.nodes.ops import doctor
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.service.node import Caller, Invalid, NodeService, QuotaExceeded
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 
 from voxgrid.cli import main
-from voxgrid.nodes import admin, doctor
+from voxgrid.nodes.ops import admin, doctor
 from voxgrid.nodes.local.federation import free_port
 from voxgrid.nodes.service.home import Home
 from voxgrid.pki import CertificateError, certificate_info, client_ssl_context, create_ca, issue_certificate

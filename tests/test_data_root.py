@@ -8,7 +8,7 @@ import pytest
 
 from voxgrid.datasets import SiteSpec, VolumeError, load_volume, write_site
 from voxgrid.datasets.folder import DataRoots, VolumeSource
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.service.home import Home, HomeError
 from voxgrid.nodes.service.store import NodeStore
 from voxgrid.cli import main

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from voxgrid.datasets import SiteSpec, write_site
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.service.store import NodeStore
 from voxgrid.pki import create_ca, issue_certificate

@@ -72,7 +72,7 @@ def test_slices_ordered_by_position_not_instance_number_or_file_name(tmp_path):
     rng = np.random.default_rng(1)
     # Scramble instance numbers, file names and folder layout.
     (tmp_path / "s" / "deep" / "er").mkdir(parents=True)
-    for n, (f, new) in enumerate(zip(files, rng.permutation(len(files)))):
+    for n, (f, new) in enumerate(zip(files, rng.permutation(len(files)), strict=True)):
         ds = pydicom.dcmread(f)
         ds.InstanceNumber = int(rng.integers(1, 1000))
         target = tmp_path / "s" / ("deep/er" if n % 2 else "") / f"z{new:03d}"

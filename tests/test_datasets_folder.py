@@ -35,7 +35,7 @@ def test_scan_nifti_and_dicom_cases_sorted_with_labels(tmp_path):
     assert sources[0].image == images / "case-a.nii" and sources[2].image == images / "case-c"
     assert all(s.label == labels / f"{s.case_id}.nii.gz" for s in sources)
 
-    for source, seed in zip(sources, (0, 1, 2)):
+    for source, seed in zip(sources, (0, 1, 2), strict=True):
         vol = load_volume(source)
         assert vol.image.dtype == np.float32 and vol.label.dtype == np.uint8
         assert np.max(np.abs(vol.image - _image(seed))) <= 0.5 + 1e-4

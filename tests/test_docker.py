@@ -69,7 +69,7 @@ def test_compose_services_volumes_ports(compose):
     services = compose["services"]
     assert set(services) == {"grid", *NODES, "jupyter"}
     assert services["grid"]["ports"] == ["8443:8443"] and "8888" in services["jupyter"]["ports"][0]
-    for name, svc in services.items():
+    for svc in services.values():
         dockerfile = ROOT / svc["build"]["context"].replace("..", ".") / svc["build"]["dockerfile"]
         assert dockerfile.is_file(), dockerfile
         named = {v.split(":")[0] for v in svc["volumes"] if not v.startswith(".")}

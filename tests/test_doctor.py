@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from voxgrid.nodes import admin, doctor
+from voxgrid.nodes.ops import admin, doctor
 from voxgrid.nodes.local.federation import free_port
 from voxgrid.nodes.service.home import Home
 from voxgrid.pki import create_ca, issue_certificate

@@ -214,7 +214,7 @@ def test_grid_roles_are_enforced(federation):
 def test_a_job_on_damaged_data_fails_without_leaking_paths_or_uids(federation, tmp_path):
     import shutil
 
-    from voxgrid.nodes import admin
+    from voxgrid.nodes.ops import admin
 
     src = federation.root / "data" / "site-a"
     shutil.copytree(src, tmp_path / "copy")

@@ -108,10 +108,10 @@ def test_filters_refuse_non_float_dtypes_by_name():
     """Ints, bool and complex were refused before; float8 passed as 'floating point' and then broke."""
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.uint8, torch.bool, torch.complex64):
         u = {"ok": torch.zeros(2), "counter": torch.zeros(2).to(dtype)}
-        for run in (lambda: clip(u, 1.0), lambda: percentile(u, fraction=0.5),
-                    lambda: apply_filters(PrivacySpec.parse(GAUSS), u, torch.Generator())):
+        for run in (lambda v: clip(v, 1.0), lambda v: percentile(v, fraction=0.5),
+                    lambda v: apply_filters(PrivacySpec.parse(GAUSS), v, torch.Generator())):
             with pytest.raises(TypeError, match=r"floating-point.*counter"):
-                run()
+                run(u)
 
 
 @pytest.mark.parametrize("kw", [dict(clip_norm=NAN, noise_multiplier=1.0), dict(clip_norm=INF, noise_multiplier=1.0),

@@ -24,7 +24,7 @@ WALL_S = 15
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     from voxgrid.datasets import default_sites
-    from voxgrid.nodes import admin
+    from voxgrid.nodes.ops import admin
     from voxgrid.nodes.local.federation import LocalFederation
 
     root = tmp_path_factory.mktemp("hostile")

@@ -11,7 +11,7 @@ import torch
 from homes import node_home
 
 from voxgrid import tensors, unet_plan
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.service.limits import FairQueue, JobLimits, LimitExceeded, check_plan, parameter_count, planned_steps
 from voxgrid.nodes.service.node import Caller, Invalid, NodeService, NotFound, TooManyJobs

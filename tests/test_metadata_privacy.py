@@ -23,7 +23,7 @@ from voxgrid.datasets import (
     write_dicom_series,
     write_nifti,
 )
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.local.federation import LocalFederation
 
 import voxgrid

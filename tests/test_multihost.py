@@ -15,7 +15,7 @@ import pytest
 
 from netns import Lab, unavailable  # test support: tests/netns.py
 from voxgrid.datasets import default_sites, write_site
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.pki import create_ca, issue_certificate
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,8 @@ def test_a_node_cut_off_mid_round_is_dropped_and_rejoins_the_next_round(lab, tmp
     token_file = tmp_path / "scientist.token"
     token = admin.issue_token(ghome, "grid", "scientist", "scientist", token_file)
     node_homes = {}
-    for role, site in zip(("node-a", "node-b", "node-c"), default_sites(3, shape=(32, 32, 32), n_volumes=4)):
+    site_specs = default_sites(3, shape=(32, 32, 32), n_volumes=4)
+    for role, site in zip(("node-a", "node-b", "node-c"), site_specs, strict=True):
         data = write_site(site, tmp_path / "data" / site.name)
         cert = issue_certificate(ca, tmp_path / "certs", role, [names[role]])
         home = node_homes[role] = tmp_path / role

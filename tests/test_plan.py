@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pydantic
 import pytest
 import torch
 
@@ -104,7 +105,7 @@ def test_plan_is_frozen_and_owns_its_components():
     plan = Plan(**plan_dict(network=network))
     network["out_channels"] = 99
     assert plan.network["out_channels"] == 3
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         plan.local_epochs = 5
 
 

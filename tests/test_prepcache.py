@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from voxgrid.datasets import write_dicom_series, write_nifti
-from voxgrid.nodes import training
-from voxgrid.nodes import admin
+from voxgrid.nodes.worker import training
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.worker.prepcache import PrepCache
 from voxgrid.pki import create_ca, issue_certificate

@@ -157,7 +157,7 @@ def test_volumes_of_one_patient_are_one_unit_in_the_ledger(tmp_path):
 
 def test_patients_are_stored_and_kept_in_one_split(tmp_path):
     from voxgrid.datasets import SiteSpec, write_site
-    from voxgrid.nodes import admin
+    from voxgrid.nodes.ops import admin
     from voxgrid.nodes.service.home import Home
 
     from voxgrid.pki import create_ca, issue_certificate

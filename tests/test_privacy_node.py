@@ -9,7 +9,7 @@ import torch
 from homes import node_home
 
 from voxgrid import tensors, unet_plan
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.nodes.service.node import BudgetRefused, Caller, Forbidden, Invalid, NodeService
 from voxgrid.privacy.accountant import GaussianEvent, epsilon
 from voxgrid.wire import BudgetSet, EstimateRequest, JobRequest, Metrics

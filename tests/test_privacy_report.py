@@ -5,7 +5,7 @@ import json
 import pytest
 
 from voxgrid.cli import main
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.pki import create_ca, issue_certificate
 from voxgrid.privacy import BudgetExceeded, Ledger, PrivacySpec, report
 from voxgrid.privacy.accountant import GaussianEvent, epsilon

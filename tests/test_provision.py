@@ -98,7 +98,7 @@ def test_malformed_project_cli_error(tmp_path):
 def test_service_unit_structure(tmp_path):
     out = tmp_path / "kits"
     provision(project(tmp_path, sites=("node-a",)), out)
-    from voxgrid.nodes import admin
+    from voxgrid.nodes.ops import admin
 
     kit = out / "node-a"
     admin.init_home("node", tmp_path / "home", "node-a", ca_cert=kit / "ca.crt", cert=kit / "server.crt",
@@ -142,7 +142,7 @@ def test_kits_start_a_federation_and_the_launcher_runs_a_node(tmp_path):
         procs.append(p)
         return p
 
-    from voxgrid.nodes import admin
+    from voxgrid.nodes.ops import admin
 
     kit_b, home_a, home_b = out / "node-b", out / "node-a" / "home", tmp_path / "srv" / "node-b"
     admin.init_home("node", home_b, "node-b", ca_cert=kit_b / "ca.crt", cert=kit_b / "server.crt",

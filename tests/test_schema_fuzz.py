@@ -9,6 +9,7 @@ Each operation gets 25 examples (no shrinking): the pass takes about 30 s on two
 """
 
 import os
+import sys
 from collections import Counter
 
 import httpx
@@ -21,6 +22,9 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
 from voxgrid.datasets import default_sites
 from voxgrid.nodes.local.federation import LocalFederation
 from voxgrid.pki import client_ssl_context
+
+if sys.version_info < (3, 11):  # the backport, which hypothesis depends on under Python 3.10
+    from exceptiongroup import BaseExceptionGroup
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +43,23 @@ def fuzz_fed(tmp_path_factory):
     fed.stop()
 
 
+def _fuzz(op, url: str, auth: dict, ca_cert: str, calls: Counter) -> str | None:
+    """Call ``op`` with generated examples, counting calls in ``calls``; its failure, or None."""
+    @given(case=op.as_strategy())
+    @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
+              derandomize=EXAMPLES == 25,
+              suppress_health_check=list(HealthCheck), database=None)
+    def run(case):
+        calls[op.label] += 1
+        case.call_and_validate(base_url=url, headers=auth, verify=ca_cert, timeout=30, checks=CHECKS)
+
+    try:
+        run()
+    except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collect every operation's failures
+        return f"{type(exc).__name__}: {str(exc)[:1500]}"
+    return None
+
+
 @pytest.mark.parametrize("role", ["scientist", "owner"])
 def test_node_conforms_to_its_schema_and_never_fails(fuzz_fed, role):
     node = fuzz_fed.nodes[0]
@@ -52,18 +73,8 @@ def test_node_conforms_to_its_schema_and_never_fails(fuzz_fed, role):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15, [op.label for op in operations]
     for op in operations:
-        @given(case=op.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
-                  derandomize=EXAMPLES == 25,
-                  suppress_health_check=list(HealthCheck), database=None)
-        def run(case):
-            calls[op.label] += 1
-            case.call_and_validate(base_url=node.url, headers=auth, verify=str(fuzz_fed.ca_cert), timeout=30,
-                                   checks=CHECKS)
-
-        try:
-            run()
-        except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collect every operation's failures
-            failures[op.label] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+        failure = _fuzz(op, node.url, auth, str(fuzz_fed.ca_cert), calls)
+        if failure is not None:
+            failures[op.label] = failure
     assert not failures, "\n\n".join(f"{k}: {v}" for k, v in failures.items())
     assert sum(calls.values()) >= 5 * len(operations), calls

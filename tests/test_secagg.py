@@ -91,7 +91,7 @@ def test_sum_of_masked_equals_sum_of_plain_within_the_quantisation_bound(pki, bi
 def test_weights_aggregate_to_the_total_and_give_the_weighted_mean(pki):
     config = SecAggConfig("exp-w", 0, tuple(NAMES[:3]), threshold=2, clip=10.0, max_weight=1000.0)
     vectors = {n: np.full(50, float(i + 1), np.float32) for i, n in enumerate(config.nodes)}  # 1, 2, 3
-    weights = dict(zip(config.nodes, [100.0, 300.0, 0.0]))  # a node with weight 0 contributes nothing
+    weights = dict(zip(config.nodes, [100.0, 300.0, 0.0], strict=True))  # a node with weight 0 contributes nothing
     total, weight, _, _ = run_round(config, pki, vectors, weights)
     assert weight == pytest.approx(400.0, abs=1e-5)
     assert np.allclose(total / weight, (100 * 1 + 300 * 2) / 400, atol=1e-5)

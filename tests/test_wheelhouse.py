@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from voxgrid.nodes import admin
+from voxgrid.nodes.ops import admin
 from voxgrid.pki import create_ca, issue_certificate
 
 ROOT = Path(__file__).resolve().parents[1]

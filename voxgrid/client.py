@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 from voxgrid.pki import client_ssl_context
 from voxgrid.privacy import BudgetStatus
 from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
-                          EstimateRequest, Health, JobRequest, JobStatus, LedgerView, NodeInfo, NodeRegistration,
+                          EstimateRequest, Health, JobRequest, LinkStatus, JobStatus, LedgerView, NodeInfo, NodeRegistration,
                           Problem, RevealedShare, RevealRequest, SearchResponse, SecAggKeysRequest, SecAggMaskedRequest,
                           SecAggSharesRequest, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
@@ -68,11 +69,35 @@ def _verify(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext | bool:
     return client_ssl_context(Path(ca))
 
 
+@dataclass(frozen=True)
+class Relayed:
+    """The way to a node in outbound mode: through its grid's relay, with the scientist's grid token.
+
+    The relay is an HTTP ``CONNECT`` proxy at the grid: the TLS session inside the tunnel is the
+    scientist's with the node itself, checked against the CA and the node's host name as in direct mode."""
+
+    grid_url: str
+    grid_token: str
+
+    def proxy(self, verify: ssl.SSLContext | bool) -> httpx.Proxy:
+        context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
+        return httpx.Proxy(self.grid_url, ssl_context=context,
+                           headers={"Proxy-Authorization": f"Bearer {self.grid_token}"})
+
+
 class _Client:
-    def __init__(self, url: str, token: str, ca=None, timeout: float = 120.0):
+    """Typed calls over HTTPS; ``via`` reaches the server through a relay (or a proxy) instead of directly."""
+
+    def __init__(self, url: str, token: str, ca=None, timeout: float = 120.0,
+                 via: Relayed | httpx.Proxy | str | None = None, uds: str | None = None):
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url + API_PREFIX, verify=_verify(ca), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"})
+        verify = _verify(ca)
+        proxy = via.proxy(verify) if isinstance(via, Relayed) else via
+        self._relayed = isinstance(via, Relayed)
+        # uds: a node in outbound mode serves its own machine on a private Unix socket (its owner's tools)
+        transport = httpx.HTTPTransport(verify=verify, uds=uds) if uds else None
+        self._http = httpx.Client(base_url=self.url + API_PREFIX, verify=verify, timeout=timeout, proxy=proxy,
+                                  transport=transport, headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:
         self._http.close()
@@ -86,7 +111,13 @@ class _Client:
     def _call(self, method: str, path: str, model=None, **kw):
         try:
             r = self._http.request(method, path, **kw)
+        except httpx.ProxyError as exc:
+            raise Unreachable(f"{self.url}: the relay at the grid refused the tunnel: {exc}") from exc
         except httpx.TransportError as exc:
+            if self._relayed:  # the session is end to end: anything the relay changes breaks it, loudly
+                raise Unreachable(f"{self.url}: the TLS session with the node through the grid's relay failed "
+                                  f"(the link broke, or the relay altered, replayed or misrouted it): "
+                                  f"{type(exc).__name__}: {exc}") from exc
             raise Unreachable(f"{self.url}: cannot reach server: {exc}") from exc
         if r.status_code >= 400:
             try:
@@ -116,7 +147,8 @@ class _Client:
 
 
 class NodeClient(_Client):
-    """The scientist's (and owner's) interface to one data node."""
+    """The scientist's (and owner's) interface to one data node, reached directly (``via=None``) or, for a
+    node in outbound mode, through its grid's relay (``via=Relayed(grid_url, grid_token)``)."""
 
     def info(self) -> NodeInfo:
         return self._call("GET", "/info", NodeInfo)
@@ -209,3 +241,7 @@ class GridClient(_Client):
 
     def register(self, info: NodeInfo) -> NodeInfo:
         return self._post("/nodes", NodeRegistration(info=info), NodeInfo)
+
+    def links(self) -> list[LinkStatus]:
+        """Outbound nodes connected to the grid now (the grid's owner only)."""
+        return self._call("GET", "/links", list[LinkStatus])

@@ -39,6 +39,13 @@ _MAX_DEPTH = 16
 # Strings a MONAI bundle parser would treat as code or references, not as literals.
 _REFERENCE_PREFIXES = ("$", "@", "%")
 
+# The allowlist tables, built on first access by the module ``__getattr__`` below (PEP 562). Declared
+# (not assigned) here so that ``__all__`` names them and type checkers know them.
+NETWORKS: Mapping[str, type]
+LOSSES: Mapping[str, type]
+OPTIMIZERS: Mapping[str, type]
+TRANSFORMS: Mapping[str, type]
+
 
 def _networks() -> dict[str, type]:
     from monai.networks import nets
@@ -148,17 +155,23 @@ def _value_problems(value: Any, path: str, depth: int = 0) -> Iterable[str]:
         for i, item in enumerate(value):
             yield from _value_problems(item, f"{path}[{i}]", depth + 1)
     elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                yield f"{path}: key {key!r} is not a string"
-            elif key == "_target_":
-                yield f"{path}: \"_target_\" is not allowed here (a component cannot contain another component)"
-            elif key.startswith("_"):
-                yield f"{path}: key {key!r} is not allowed (MONAI bundle directives are not supported)"
-            else:
-                yield from _value_problems(item, f"{path}.{key}", depth + 1)
+        yield from _dict_problems(value, path, depth)
     else:
         yield f"{path}: a {type(value).__name__} is not a plain JSON value"
+
+
+def _dict_problems(value: dict, path: str, depth: int) -> Iterable[str]:
+    """A JSON object's keys must be plain strings (no bundle directives, no nested component); its
+    values are checked like any value, one level deeper."""
+    for key, item in value.items():
+        if not isinstance(key, str):
+            yield f"{path}: key {key!r} is not a string"
+        elif key == "_target_":
+            yield f"{path}: \"_target_\" is not allowed here (a component cannot contain another component)"
+        elif key.startswith("_"):
+            yield f"{path}: key {key!r} is not allowed (MONAI bundle directives are not supported)"
+        else:
+            yield from _value_problems(item, f"{path}.{key}", depth + 1)
 
 
 def _keys_problems(name: str, key_arg: str, value: Any, where: str) -> Iterable[str]:
@@ -171,14 +184,8 @@ def _keys_problems(name: str, key_arg: str, value: Any, where: str) -> Iterable[
             yield f"{where} ({name}): {key_arg} entry {key!r} is not a data key; allowed: {', '.join(DATA_KEYS)}"
 
 
-def spec_problems(kind: str, spec: Any, where: str, supplied: Mapping[str, str] | None = None) -> list[str]:
-    """Everything wrong with component ``spec`` of ``kind``; empty when it may be built.
-
-    ``where`` names the spec in messages (e.g. ``"plan.network"``). ``supplied`` maps
-    constructor arguments that voxgrid fills in itself (an optimiser's ``params``) to a short
-    description, so a plan that sets them is refused rather than silently overridden.
-    """
-    supplied = supplied or {}
+def _target_problems(kind: str, spec: Any, where: str) -> list[str]:
+    """Why ``spec`` does not name an allowed component of ``kind`` in ``"_target_"``; empty when it does."""
     if not isinstance(spec, dict):
         return [f"{where}: must be a JSON object like {{\"_target_\": \"Name\", ...}}, not {type(spec).__name__}"]
     target = spec.get("_target_")
@@ -188,10 +195,12 @@ def spec_problems(kind: str, spec: Any, where: str, supplied: Mapping[str, str] 
         return [f"{where}: \"_target_\" must name an allowed {kind}; allowed: {allowed_list}"]
     if target not in allowed:
         return [f"{where}: \"_target_\" {target!r} is not an allowed {kind}; allowed: {allowed_list}"]
+    return []
 
-    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
-    problems = json_problems(kwargs, where)
-    params = _signature(allowed[target]).parameters
+
+def _argument_problems(cls: type, target: str, kwargs: dict, where: str, supplied: Mapping[str, str]) -> list[str]:
+    """Arguments the constructor of ``cls`` does not take, voxgrid sets itself, or requires but lacks."""
+    params = _signature(cls).parameters
     takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     named = {
         n: p
@@ -199,6 +208,7 @@ def spec_problems(kind: str, spec: Any, where: str, supplied: Mapping[str, str] 
         if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
         and p.kind is not inspect.Parameter.POSITIONAL_ONLY
     }
+    problems = []
     for arg in kwargs:
         if not isinstance(arg, str) or arg.startswith("_"):
             continue  # already reported by _value_problems
@@ -210,7 +220,24 @@ def spec_problems(kind: str, spec: Any, where: str, supplied: Mapping[str, str] 
     for arg, param in named.items():
         if param.default is inspect.Parameter.empty and arg not in kwargs and arg not in supplied:
             problems.append(f"{where} ({target}): missing required argument {arg!r}")
+    return problems
 
+
+def spec_problems(kind: str, spec: Any, where: str, supplied: Mapping[str, str] | None = None) -> list[str]:
+    """Everything wrong with component ``spec`` of ``kind``; empty when it may be built.
+
+    ``where`` names the spec in messages (e.g. ``"plan.network"``). ``supplied`` maps
+    constructor arguments that voxgrid fills in itself (an optimiser's ``params``) to a short
+    description, so a plan that sets them is refused rather than silently overridden.
+    """
+    supplied = supplied or {}
+    problems = _target_problems(kind, spec, where)
+    if problems:
+        return problems
+    target = spec["_target_"]
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    problems = json_problems(kwargs, where)
+    problems.extend(_argument_problems(table(kind)[target], target, kwargs, where, supplied))
     if kind == "transform":
         for key_arg in ("keys", "source_key"):
             if key_arg in kwargs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from voxgrid.client import AccessRefused, GridClient, NodeClient
+from voxgrid.client import AccessRefused, GridClient, NodeClient, Relayed
 from voxgrid.wire import DatasetInfo, normalise_tag
 
 _COLUMNS = ("node", "dataset", "tags", "volumes", "labels", "splits", "shape", "spacing (mm)")
@@ -15,7 +15,7 @@ def _range(r, fmt) -> str:
     """((min per axis), (max per axis)) -> ``512x512x80-120``: one figure for an axis that does not vary."""
     if r is None:
         return ""
-    return "x".join(fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}" for lo, hi in zip(*r))
+    return "x".join(fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}" for lo, hi in zip(*r, strict=True))
 
 
 _REFUSED = ("a DatasetPointer holds metadata only: the voxels of {ds!r} stay at node {node!r}. "
@@ -91,11 +91,17 @@ class Grid:
         self._tokens = dict(tokens or {})
         self._clients: dict[str, NodeClient] = {}
 
-    def node(self, name: str, url: str) -> NodeClient:
-        """The client for one node (tokens per node may differ; the connect token is the default)."""
+    def node(self, name: str, url: str, connect: str = "direct") -> NodeClient:
+        """The client for one node (tokens per node may differ; the connect token is the default). A node in
+        outbound mode (``connect="outbound"``) is reached through the grid's relay."""
         key = f"{name}@{url}"
         if key not in self._clients:
-            self._clients[key] = NodeClient(url, self._tokens.get(name, self._token), self._ca, self._timeout)
+            via = None
+            if connect == "outbound":
+                if self._grid is None:
+                    raise ValueError(f"node {name} is reached through a grid's relay: connect to the grid")
+                via = Relayed(self._grid.url, self._token)
+            self._clients[key] = NodeClient(url, self._tokens.get(name, self._token), self._ca, self._timeout, via)
         return self._clients[key]
 
     def _listing(self) -> list[tuple[str, str, DatasetInfo]]:
@@ -110,10 +116,10 @@ class Grid:
         """Datasets carrying all ``tags`` (e.g. ``grid.search("#ct", "#pancreas")``)."""
         wanted = {normalise_tag(t) for t in tags}
         if self._grid is not None:
-            found = [(r.node, r.url, r.dataset) for r in self._grid.search(*sorted(wanted)).results]
+            found = [(r.node, r.url, r.dataset, r.connect) for r in self._grid.search(*sorted(wanted)).results]
         else:
-            found = [t for t in self._listing() if wanted <= set(t[2].tags)]
-        return PointerList(DatasetPointer(n, u, d, self.node(n, u)) for n, u, d in found)
+            found = [(*t, "direct") for t in self._listing() if wanted <= set(t[2].tags)]
+        return PointerList(DatasetPointer(n, u, d, self.node(n, u, c)) for n, u, d, c in found)
 
     def datasets(self) -> PointerList:
         return self.search()

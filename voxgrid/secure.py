@@ -109,7 +109,7 @@ def secure_round(*, config: SecAggConfig, weight: str, pointers: list[DatasetPoi
         results = _parallel(fn, items)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         kept = []
-        for p, (value, err) in zip(items, results):
+        for p, (value, err) in zip(items, results, strict=True):  # one result per item
             if err is None:
                 kept.append((p, value))
             else:

@@ -73,6 +73,9 @@ class NodeInfo(Message):
     version: str
     device: str = Field(description="'cuda' or 'cpu'")
     datasets: list[DatasetInfo] = []
+    connect: Literal["direct", "outbound"] = Field(
+        "direct", description="'direct': the node listens at url; 'outbound': it listens on nothing and is "
+                              "reached through its grid's relay (url still names its TLS certificate's host)")
 
 
 class Health(Message):
@@ -214,6 +217,20 @@ class SearchResult(Message):
     node: str
     url: str
     dataset: DatasetInfo
+    connect: Literal["direct", "outbound"] = "direct"
+
+
+class LinkStatus(Message):
+    """One outbound node's link to the grid, as the grid operator sees it: timing and sizes only."""
+
+    node: str
+    peer: str = Field(description="the address the link came from (the site's proxy, often)")
+    connected_since: float = Field(description="Unix time")
+    last_traffic: float = Field(description="Unix time of the last byte either way")
+    tunnels_open: int
+    tunnels_total: int
+    bytes_up: int = Field(description="bytes carried from scientists to the node")
+    bytes_down: int = Field(description="bytes carried from the node to scientists")
 
 
 class SearchResponse(Message):

@@ -35,6 +35,8 @@ class UploadSlots:
         mine = self._mine.setdefault(caller.name, asyncio.Semaphore(MAX_UPLOADS_PER_CALLER))
         async with mine, self._all:
             yield
+
+
 OCTET_RESPONSE = {200: {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
@@ -47,6 +49,13 @@ def create_app(service: NodeService) -> FastAPI:
     install_problem_handlers(app, service.authenticate, limits={("PUT", f"{API_PREFIX}/weights"): MAX_BODY_BYTES},
                              unbounded=job_long_poll)
     Who = caller_dependency(service.authenticate)
+    # Every route only adapts HTTP to one NodeService method; roles are checked there, for every transport.
+    for routes in (_metadata_routes, _job_routes, _secagg_routes, _owner_routes):
+        routes(app, service, Who)
+    return app
+
+
+def _metadata_routes(app: FastAPI, service: NodeService, Who) -> None:
     p = API_PREFIX
 
     @app.get(f"{p}/health", response_model=Health)
@@ -59,7 +68,6 @@ def create_app(service: NodeService) -> FastAPI:
 
     @app.get(f"{p}/info", response_model=NodeInfo)
     def info(c: Who):
-        service.require(c, "owner", "scientist")
         return service.info(c)
 
     @app.get(f"{p}/datasets", response_model=list[DatasetInfo])
@@ -74,11 +82,18 @@ def create_app(service: NodeService) -> FastAPI:
     def dataset_data(name: str, c: Who):
         service.dataset_data(c, name)
 
+    @app.post(f"{p}/privacy/estimate", response_model=Estimate)
+    def privacy_estimate(req: EstimateRequest, c: Who):
+        return service.privacy_estimate(c, req)
+
+
+def _job_routes(app: FastAPI, service: NodeService, Who) -> None:
+    p = API_PREFIX
     uploads = UploadSlots()
 
     @app.put(f"{p}/weights", response_model=WeightsRef)
     async def put_weights(request: Request, c: Who):
-        service.require(c, "scientist", "owner")
+        service.admit_upload(c)  # before the body is read or a slot is taken
         async with uploads.slot(c):
             data = await read_body(request)
             return await run_in_threadpool(service.put_weights, c, data)  # hashing 512 MiB must not stall the loop
@@ -100,6 +115,10 @@ def create_app(service: NodeService) -> FastAPI:
     def job_update(job_id: str, c: Who):
         return Response(service.job_update(c, job_id), media_type=OCTETS)
 
+
+def _secagg_routes(app: FastAPI, service: NodeService, Who) -> None:
+    p = API_PREFIX
+
     @app.post(f"{p}/secagg/keys", response_model=AdvertisedKeys)
     def secagg_keys(req: SecAggKeysRequest, c: Who):
         return service.secagg_keys(c, req)
@@ -116,9 +135,9 @@ def create_app(service: NodeService) -> FastAPI:
     def secagg_reveal(req: RevealRequest, c: Who):
         return service.secagg_reveal(c, req)
 
-    @app.post(f"{p}/privacy/estimate", response_model=Estimate)
-    def privacy_estimate(req: EstimateRequest, c: Who):
-        return service.privacy_estimate(c, req)
+
+def _owner_routes(app: FastAPI, service: NodeService, Who) -> None:
+    p = API_PREFIX
 
     @app.post(f"{p}/owner/tokens", response_model=TokenIssued)
     def issue_token(req: TokenIssue, c: Who):
@@ -139,5 +158,3 @@ def create_app(service: NodeService) -> FastAPI:
     @app.get(f"{p}/owner/ledger", response_model=LedgerView)
     def ledger(c: Who):
         return service.ledger_view(c)
-
-    return app

@@ -48,12 +48,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
+        self._uncount()
+        super().connection_lost(exc)
+
+    def _uncount(self) -> None:
         if self._address is not None:
             self._open[self._address] -= 1
             if self._open[self._address] <= 0:
                 del self._open[self._address]
             self._address = None
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._header_bytes is not None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -20,10 +24,11 @@ from voxgrid.nodes.http.protocol import BoundedHttpProtocol
 log = logging.getLogger("voxgrid.server")
 
 
-def _serve(app, home: Home, host: str, port: int, on_listening) -> None:
+def _serve(app, home: Home, host: str, port: int, on_listening, protocol=BoundedHttpProtocol,
+           sock: socket.socket | None = None) -> None:
     config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(home.tls / "server.crt"),
                             ssl_keyfile=str(home.tls / "server.key"), log_level="warning", access_log=False,
-                            timeout_keep_alive=120, timeout_graceful_shutdown=2, http=BoundedHttpProtocol)
+                            timeout_keep_alive=120, timeout_graceful_shutdown=2, http=protocol)
     server = uvicorn.Server(config)
 
     def announce():
@@ -31,27 +36,28 @@ def _serve(app, home: Home, host: str, port: int, on_listening) -> None:
             if server.should_exit:
                 return
             time.sleep(0.02)
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        on_listening(bound)
+        name = server.servers[0].sockets[0].getsockname()
+        on_listening(name[1] if isinstance(name, tuple) else 0)
 
     threading.Thread(target=announce, daemon=True).start()
     home.run_file.unlink(missing_ok=True)
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so our cleanup runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
         home.run_file.unlink(missing_ok=True)
 
 
-def _write_run_file(home: Home, url: str) -> None:
+def _write_run_file(home: Home, url: str, **extra) -> None:
     tmp = home.run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), **extra}))
     os.replace(tmp, home.run_file)
 
 
 def serve_node(home: Home, host: str | None = None, port: int | None = None) -> None:
-    """Run a data node in the foreground until SIGINT/SIGTERM."""
+    """Run a data node in the foreground until SIGINT/SIGTERM: on ``host:port``, or in outbound mode on
+    a private Unix socket that only the dialer (:mod:`.dialer`) connects to."""
     from voxgrid.nodes.http.app import create_app
     from voxgrid.nodes.service.node import NodeService
 
@@ -59,22 +65,67 @@ def serve_node(home: Home, host: str | None = None, port: int | None = None) -> 
     cfg = service.config
     host = host or cfg.host
     port = cfg.port if port is None else port
+    outbound = cfg.connect == "outbound"
+    sock = _private_socket() if outbound else None
+    sock_path = Path(sock.getsockname()) if sock is not None else None
 
     def listening(bound: int):
-        cfg.host, cfg.port = host, bound
+        if not outbound:
+            cfg.host, cfg.port = host, bound
         url = service.public_url()
         # Ready means ready to train: a job sent now must not wait for the worker's imports.
         if not service.executor.ready.wait(timeout=300):
             log.error("the executor is not ready after 300 s; serving anyway")
-        _write_run_file(home, url)
-        log.info("node %s listening on %s", cfg.name, url)
+        if outbound:
+            _dialer(service, sock_path).start()
+            _write_run_file(home, url, connect="outbound", socket=str(sock_path))
+        else:
+            _write_run_file(home, url)
+        log.info("node %s serving %s", cfg.name, f"through grid {cfg.grid_url}" if outbound else f"on {url}")
         if cfg.grid_url:
             threading.Thread(target=_keep_registered, args=(service,), daemon=True, name="grid-heartbeat").start()
 
     try:
-        _serve(create_app(service), home, host, port, listening)
+        _serve(create_app(service), home, host, port, listening, sock=sock)
     finally:
         service.close()
+        if sock_path is not None:
+            shutil.rmtree(sock_path.parent, ignore_errors=True)
+
+
+def _private_socket() -> socket.socket:
+    """A listening Unix socket in a fresh 0700 folder under the temp dir (a home's path may be longer
+    than the 107 bytes an AF_UNIX address can hold)."""
+    folder = Path(tempfile.mkdtemp(prefix="voxgrid-node-"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(folder / "node.sock"))
+    os.chmod(folder / "node.sock", 0o600)
+    sock.listen(128)
+    return sock
+
+
+def grid_route(service):
+    """How this node reaches its grid (token, CA, proxy) for the dialer and the doctor."""
+    from voxgrid.nodes.http.dialer import Route
+
+    cfg, home = service.config, service.home
+    credentials = cfg.proxy_credentials_file and home.path / cfg.proxy_credentials_file
+    return Route.for_grid(cfg.grid_url, home.tls / "ca.crt", _grid_token(service), cfg.proxy, credentials or None)
+
+
+def _dialer(service, socket_path: Path):
+    from voxgrid.nodes.http.dialer import Dialer
+
+    return Dialer(grid_route(service), socket_path)
+
+
+def _grid_token(service) -> str:
+    cfg, home = service.config, service.home
+    token_file = cfg.grid_token_file and (home.path / cfg.grid_token_file)
+    if not token_file or not token_file.is_file():
+        raise FileNotFoundError(f"no grid token file in the node home for grid {cfg.grid_url}: "
+                                "set one with 'voxgrid node register --grid URL --grid-token-file FILE'")
+    return token_file.read_text().strip()
 
 
 #: Seconds between re-registrations: datasets added while the node runs reach the grid this quickly.
@@ -91,15 +142,17 @@ def _keep_registered(service) -> None:
 def register_with_grid(service, attempts: int = 30) -> bool:
     """Tell the grid our published metadata; retries while the grid is not up yet."""
     cfg, home = service.config, service.home
-    token_file = cfg.grid_token_file and (home.path / cfg.grid_token_file)
-    if not token_file or not token_file.is_file():
-        log.error("cannot register with grid %s: no grid token file in the node home", cfg.grid_url)
+    try:
+        token = _grid_token(service)
+    except FileNotFoundError as exc:
+        log.error("cannot register: %s", exc)
         return False
-    token = token_file.read_text().strip()
+    route = grid_route(service) if cfg.connect == "outbound" else None
+    proxy = _httpx_proxy(route) if route and route.proxy else None
     delay = 0.2
     for _ in range(attempts):
         try:
-            with GridClient(cfg.grid_url, token, home.tls / "ca.crt") as grid:
+            with GridClient(cfg.grid_url, token, home.tls / "ca.crt", via=proxy) as grid:
                 grid.register(service.info())
             log.info("registered with grid %s", cfg.grid_url)
             return True
@@ -110,8 +163,16 @@ def register_with_grid(service, attempts: int = 30) -> bool:
     return False
 
 
+def _httpx_proxy(route):
+    import httpx
+
+    auth = tuple(route.proxy_auth.split(":", 1)) if route.proxy_auth else None
+    return httpx.Proxy(route.proxy, auth=auth)
+
+
 def serve_grid(home: Home, host: str | None = None, port: int | None = None) -> None:
     from voxgrid.nodes.http.grid import GridService, create_grid_app
+    from voxgrid.nodes.http.relay import relay_protocol
 
     service = GridService(home)
     cfg = service.config
@@ -120,7 +181,17 @@ def serve_grid(home: Home, host: str | None = None, port: int | None = None) -> 
     def listening(bound: int):
         _write_run_file(home, cfg.public_url or f"https://{host}:{bound}")
 
+    _raise_file_limit()  # every outbound node holds a connection open
     try:
-        _serve(create_grid_app(service), home, host, cfg.port if port is None else port, listening)
+        _serve(create_grid_app(service), home, host, cfg.port if port is None else port, listening,
+               relay_protocol(service.relay))
     finally:
         service.close()
+
+
+def _raise_file_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

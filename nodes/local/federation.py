@@ -37,10 +37,11 @@ class Proc:
     port: int
     log: Path
     popen: subprocess.Popen | None = None
+    outbound: bool = False  # listens on nothing; reached through the grid's relay
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.name}:443" if self.outbound else f"https://127.0.0.1:{self.port}"
 
 
 @dataclass
@@ -58,8 +59,9 @@ class LocalFederation:
     @classmethod
     def create(cls, root: Path, sites: list[SiteSpec] | None = None, *, fmt: str = "nifti",
                tags: tuple[str, ...] = ("ct", "pancreas"), splits=(0.5, 0.25, 0.25), threads: int = 1,
-               device: str = "auto", scientist: str = "scientist") -> LocalFederation:
-        """Write CA, certificates, phantom data, a grid home and one node home per site."""
+               device: str = "auto", scientist: str = "scientist", outbound: tuple[str, ...] = ()) -> LocalFederation:
+        """Write CA, certificates, phantom data, a grid home and one node home per site; the sites named
+        in ``outbound`` run in outbound mode (no listening socket; reached through the grid's relay)."""
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         sites = sites if sites is not None else default_sites()
@@ -79,7 +81,7 @@ class LocalFederation:
         for site in sites:
             name = f"node-{site.name}"
             data = write_site(site, root / "data" / site.name, fmt=fmt)
-            cert = issue_certificate(ca, root / "certs", name, hosts)
+            cert = issue_certificate(ca, root / "certs", name, [name, *hosts])
             port = free_port()
             home = root / "nodes" / name
             admin.init_home("node", home, name, ca_cert=ca.cert, cert=cert.cert, key=cert.key, port=port,
@@ -88,12 +90,14 @@ class LocalFederation:
             gtoken.unlink(missing_ok=True)
             admin.issue_token(ghome, "grid", name, "node", gtoken)
             admin.set_grid(home, grid.url, gtoken)
+            if site.name in outbound:
+                admin.set_outbound(home)
             site_tags = list(tags) + (["tumor"] if "tumor" in site.labels.values() else [])
             admin.add_dataset(home, site.name, data / "images", data / "labels", tags=site_tags,
                               label_names=dict(site.labels), splits=splits,
                               description=f"synthetic abdominal CT phantoms ({site.name})")
             admin.issue_token(home, "node", scientist, "scientist", scientist_file)
-            nodes.append(Proc(name, "node", home, port, root / "logs" / f"{name}.log"))
+            nodes.append(Proc(name, "node", home, port, root / "logs" / f"{name}.log", outbound=site.name in outbound))
         return cls(root, ca.cert, token, grid, nodes, threads, device)
 
     # processes ---------------------------------------------------------------------------------
@@ -130,14 +134,29 @@ class LocalFederation:
         return self
 
     def wait_registered(self, timeout: float = 60.0) -> None:
+        """Until every node is registered and every outbound node's link to the grid is up."""
         from voxgrid.client import GridClient
 
         deadline = time.monotonic() + timeout
-        with GridClient(self.grid.url, self.scientist_token, self.ca_cert) as g:
-            while {n.name for n in g.nodes()} < {p.name for p in self.nodes}:
+        outbound = {p.name for p in self.nodes if p.outbound}
+        with GridClient(self.grid.url, self.scientist_token, self.ca_cert) as g, \
+                GridClient(self.grid.url, self.grid_owner_token(), self.ca_cert) as owner:
+            while ({n.name for n in g.nodes()} < {p.name for p in self.nodes}
+                   or outbound - {link.node for link in owner.links()}):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("nodes did not register with the grid in time")
+                    raise TimeoutError("nodes did not register (or link up) with the grid in time")
                 time.sleep(0.1)
+
+    def grid_owner_token(self) -> str:
+        return Home(self.grid.home, "grid").owner_token_file.read_text().strip()
+
+    def node_client(self, index: int, token: str | None = None):
+        """A client for one node as its owner (or with ``token``), directly or through the relay."""
+        from voxgrid.client import NodeClient, Relayed
+
+        p = self.nodes[index]
+        via = Relayed(self.grid.url, self.scientist_token) if p.outbound else None
+        return NodeClient(p.url, token or self.owner_token(index), self.ca_cert, via=via)
 
     def kill_node(self, index: int) -> None:
         """SIGKILL a node's process group (server and executor): a crash, not a shutdown."""

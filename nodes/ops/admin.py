@@ -157,8 +157,9 @@ def geometry_ranges(geometries) -> tuple[tuple, tuple] | tuple[None, None]:
         return None, None
     shapes = [tuple(int(n) for n in g[0]) for g in geometries]
     spacings = [tuple(round(float(x), 3) for x in g[1]) for g in geometries]
-    return ((tuple(map(min, zip(*shapes))), tuple(map(max, zip(*shapes)))),
-            (tuple(map(min, zip(*spacings))), tuple(map(max, zip(*spacings)))))
+    # every image is 3-D (load_volume and read_geometry refuse anything else): the axes line up
+    return ((tuple(map(min, zip(*shapes, strict=True))), tuple(map(max, zip(*shapes, strict=True)))),
+            (tuple(map(min, zip(*spacings, strict=True))), tuple(map(max, zip(*spacings, strict=True)))))
 
 
 def _check_roots(home: Home, sources, folders: dict[str, Path | None]) -> None:
@@ -307,6 +308,25 @@ def set_grid(path: Path, grid_url: str, grid_token_file: Path) -> None:
     token = Path(grid_token_file).read_text().strip()
     home.write_secret(home.path / "grid.token", token)
     cfg.grid_url, cfg.grid_token_file = grid_url, "grid.token"
+    home.save(cfg)
+
+
+def set_outbound(path: Path, proxy: str | None = None, proxy_credentials_file: Path | None = None) -> None:
+    """Outbound mode: the node listens on nothing and dials its grid (through ``proxy`` when given; else
+    ``HTTPS_PROXY``/``NO_PROXY``); proxy credentials ("user:password") are copied into the home."""
+    home = Home(path, "node")
+    cfg = home.load()
+    if not cfg.grid_url:
+        raise HomeError("outbound mode needs a grid: give --grid URL and --grid-token-file")
+    if proxy is not None and not proxy.startswith(("http://", "https://")):
+        raise HomeError(f"proxy must be an http:// or https:// URL, got {proxy!r}")
+    cfg.connect, cfg.proxy = "outbound", proxy
+    if proxy_credentials_file is not None:
+        secret = Path(proxy_credentials_file).read_text().strip()
+        if ":" not in secret or "\n" in secret:
+            raise HomeError(f"{proxy_credentials_file}: proxy credentials must be one line 'user:password'")
+        home.write_secret(home.path / "proxy.credentials", secret)
+        cfg.proxy_credentials_file = "proxy.credentials"
     home.save(cfg)
 
 

@@ -34,6 +34,8 @@ def _init(kind: str):
                                     "data_roots": args.data_root or []} if kind == "node" else {}))
         if kind == "node" and args.grid:
             admin.set_grid(args.home, args.grid, args.grid_token_file)
+        if kind == "node" and args.connect == "outbound":
+            admin.set_outbound(args.home, args.proxy, args.proxy_credentials)
         print(f"{kind} home created at {args.home.resolve()}; owner token in {Home(args.home, kind).owner_token_file}")
     return run
 
@@ -51,6 +53,13 @@ def _add_init(sub, kind: str) -> None:
     if kind == "node":
         p.add_argument("--grid", help="grid URL to register with")
         p.add_argument("--grid-token-file", type=Path, help="file holding this node's grid token")
+        p.add_argument("--connect", choices=["direct", "outbound"], default="direct",
+                       help="'direct': listen on HOST:PORT for scientists; 'outbound': listen on nothing and dial "
+                            "the grid, which relays scientists to this node (for sites that allow outbound only)")
+        p.add_argument("--proxy", help="outbound: forward proxy to reach the grid, http://host:port "
+                                       "(default: HTTPS_PROXY / NO_PROXY from the environment)")
+        p.add_argument("--proxy-credentials", type=Path, metavar="FILE",
+                       help="outbound: file holding the proxy's 'user:password' (copied into the home)")
         p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the executor (0: torch's default)")
         _data_root_arg(p)
@@ -277,16 +286,37 @@ def _register(args) -> None:
 
 def _status(kind: str):
     def run(args):
-        from voxgrid.client import NodeClient
+        from voxgrid.client import GridClient, NodeClient
 
         home = Home(args.home, kind)
         home.load()
         if not home.run_file.exists():
             raise ConnectionError(f"{kind} at {home.path} is not running (no run.json)")
-        url = json.loads(home.run_file.read_text())["url"]
-        with NodeClient(url, home.owner_token_file.read_text().strip(), home.tls / "ca.crt", timeout=10) as c:
+        state = json.loads(home.run_file.read_text())
+        url, token = state["url"], home.owner_token_file.read_text().strip()
+        client = GridClient if kind == "grid" else NodeClient
+        # An outbound node listens on nothing but its private socket: its owner, on its machine, uses that.
+        with client(url, token, home.tls / "ca.crt", timeout=10, uds=state.get("socket")) as c:
             print(json.dumps({"url": url, **c.health().model_dump()}))
+            if kind == "grid":
+                _print_links(c.links())
     return run
+
+
+def _print_links(links) -> None:
+    """The grid's outbound nodes: who is connected, since when, last traffic (the operator's view)."""
+    import datetime
+
+    if not links:
+        print("no outbound node is connected")
+        return
+    def stamp(t: float) -> str:
+        return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
+
+    for link in links:
+        print(f"{link.node}: connected since {stamp(link.connected_since)} from {link.peer}; last traffic "
+              f"{stamp(link.last_traffic)}; tunnels {link.tunnels_open} open, {link.tunnels_total} in all; "
+              f"{link.bytes_up} bytes up, {link.bytes_down} down")
 
 
 def _add_start_status(sub, kind: str, start) -> None:

@@ -1,11 +1,11 @@
-"""The executor: a long-lived worker process beside the node server.
+"""The executor: the server's side of a long-lived worker process beside the node server.
 
-The worker stays warm between rounds (imports done, volumes preprocessed and cached, network
-built), so a round costs only the compute; preprocessed volumes also persist in the node home's
-cache folder (:mod:`.prepcache`), so a restarted worker does not read the DICOM again. Server and
-worker talk over a pipe: a JSON message, followed for weights and updates by one raw safetensors
-message. Nothing is pickled
-(``send_bytes``/``recv_bytes`` only), and nothing touches the disk on the way: the server keeps
+The worker (:mod:`voxgrid.nodes.worker.runner`) stays warm between rounds (imports done, volumes
+preprocessed and cached, network built), so a round costs only the compute; preprocessed volumes
+also persist in the node home's cache folder (:mod:`voxgrid.nodes.worker.prepcache`), so a restarted
+worker does not read the DICOM again. Server and worker talk over a pipe in the typed messages of
+:mod:`voxgrid.nodes.worker.messages`: JSON frames, followed for weights and updates by one raw
+safetensors frame. Nothing is pickled, and nothing touches the disk on the way: the server keeps
 the durable copies.
 
 The server keeps the queue (:class:`~.limits.FairQueue`: round-robin across scientists) and hands
@@ -16,18 +16,19 @@ cancelled running job is stopped the same way. The job fails with the reason.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from voxgrid.nodes.service.limits import FairQueue, JobLimits, process_tree, tree_rss
+from voxgrid.nodes.worker.messages import (JobDone, JobFailed, ProtocolError, WorkerEvent, WorkerReady, parse_job,
+                                           recv_event, send)
+from voxgrid.nodes.worker.runner import worker_main
 
 log = logging.getLogger("voxgrid.executor")
 
@@ -43,12 +44,11 @@ class _Running:
 class Executor:
     """Server-side handle: starts the worker, queues jobs, feeds them one at a time, reports events.
 
-    ``on_event`` receives dicts: ``{"event": "started", "job_id"}``, ``{"event": "done", "job_id",
-    "metrics", "update": bytes | None}`` (the update after the plan's privacy filter chain) or
-    ``{"event": "failed", "job_id", "error"}``.
+    ``on_event`` receives :class:`~voxgrid.nodes.worker.messages.JobStarted`, ``JobDone`` (its ``update``
+    attached: the bytes after the plan's privacy filter chain, or None) and ``JobFailed``.
     """
 
-    def __init__(self, on_event: Callable[[dict], None], device: str = "auto", threads: int = 0,
+    def __init__(self, on_event: Callable[[WorkerEvent], None], device: str = "auto", threads: int = 0,
                  state_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  limits: JobLimits | None = None, poll: float = 0.25):
         self.on_event, self.device, self.threads = on_event, device, threads
@@ -82,11 +82,14 @@ class Executor:
         self._reader.start()
 
     def submit(self, job: dict, weights: bytes | Callable[[], bytes | None]) -> None:
-        """Queue a job: ``{"job_id", "request": JobRequest dict, "dataset": {...}, "scientist"}`` and its start
-        weights (bytes, or a function that reads them when the job's turn comes: a long queue holds no blobs)."""
-        job = {**job, "limits": {"max_steps_per_job": self.limits.max_steps_per_job}}
+        """Queue a job and its start weights (bytes, or a function that reads them when the job's turn
+        comes: a long queue holds no blobs). ``job``: the fields of a
+        :class:`~voxgrid.nodes.worker.messages.RunJob` and the ``scientist`` whose turn it takes;
+        :class:`~voxgrid.nodes.worker.messages.ProtocolError` if they do not make one."""
+        fields = {k: v for k, v in job.items() if k != "scientist"}
+        msg = parse_job({**fields, "max_steps_per_job": self.limits.max_steps_per_job})
         with self._cv:
-            self._queue.put(job["job_id"], job.get("scientist", ""), (job, weights))
+            self._queue.put(msg.job_id, job.get("scientist", ""), (msg, weights))
             self._cv.notify_all()
 
     def queued(self) -> list[str]:
@@ -119,46 +122,51 @@ class Executor:
             job, weights = entry.item
             blob = weights() if callable(weights) else weights
             if blob is None:  # only after a crash that beat the background write
-                self._finish(job["job_id"], {"event": "failed", "job_id": job["job_id"],
-                                             "error": "start weights lost; submit again"})
+                self._finish(JobFailed(job_id=job.job_id, error="start weights lost; submit again"))
                 continue
             try:
-                conn.send_bytes(json.dumps(job).encode())
-                conn.send_bytes(blob)
+                send(conn, job, blob)
             except (OSError, ValueError):
                 pass  # the worker is gone: its reader fails the job and starts a new one
 
     def _can_dispatch(self) -> bool:
         return self._closing or (self._current is None and bool(self._queue) and self.ready.is_set())
 
-    def _finish(self, job_id: str, msg: dict) -> None:
-        self.on_event(msg)  # the job's end is recorded before the next one can start or be cancelled
+    def _finish(self, event: JobDone | JobFailed) -> None:
+        self.on_event(event)  # the job's end is recorded before the next one can start or be cancelled
         with self._cv:
-            if self._current and self._current.job_id == job_id:
+            if self._current and self._current.job_id == event.job_id:
                 self._current = None
-            self._reasons.pop(job_id, None)
+            self._reasons.pop(event.job_id, None)
             self._cv.notify_all()
 
     def _read(self, conn, proc) -> None:
+        """The worker's events, until its pipe closes; then :meth:`_reap` it."""
         while True:
             try:
-                msg = json.loads(conn.recv_bytes())
-                if msg.get("event") == "ready":
-                    with self._cv:
-                        self.ready.set()
-                        self._cv.notify_all()
-                    continue
-                if msg.get("event") == "done":
-                    msg["update"] = conn.recv_bytes() if msg.get("has_update") else None
+                event = recv_event(conn)
             except (EOFError, OSError):
                 break
-            if msg.get("event") in ("done", "failed"):
-                self._finish(msg["job_id"], msg)
+            except ProtocolError as exc:  # a worker out of step with us: stop it, as if it had crashed
+                log.error("the executor sent a message outside the protocol: %s", exc)
+                self._kill(None, "job stopped: the executor broke its protocol with the node server")
+                break
+            if isinstance(event, WorkerReady):
+                with self._cv:
+                    self.ready.set()
+                    self._cv.notify_all()
+            elif isinstance(event, (JobDone, JobFailed)):
+                self._finish(event)
             else:
-                self.on_event(msg)
+                self.on_event(event)
+        self._reap(proc)
+
+    def _reap(self, proc) -> None:
+        """After the worker's pipe closed: fail the job it was running and start a new worker, unless
+        the node is shutting down (its unfinished jobs are recovered at the next start)."""
         proc.join(5)
         if self._closing or proc.exitcode == -signal.SIGTERM:
-            return  # the node is shutting down: its unfinished jobs are recovered at the next start
+            return
         # The worker died (killed by the watchdog or a cancel, out of memory): fail its job, start a new one.
         code = proc.exitcode
         with self._cv:
@@ -167,7 +175,7 @@ class Executor:
         if lost is not None:
             reason = self._reasons.get(lost.job_id) or (f"executor process exited unexpectedly (exit code {code}); "
                                                         "job not completed")
-            self._finish(lost.job_id, {"event": "failed", "job_id": lost.job_id, "error": reason})
+            self._finish(JobFailed(job_id=lost.job_id, error=reason))
         log.error("executor exited with code %s; restarting it", code)
         with self._cv:
             if not self._closing:
@@ -221,99 +229,3 @@ class Executor:
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
-
-
-def worker_main(conn, device: str, threads: int, state_dir: str | None = None, cache_dir: str | None = None) -> None:
-    """Worker loop: runs the jobs the server hands it, one at a time. Exits when the server goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us cleanly
-    if threads > 0:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    from voxgrid import components
-
-    from voxgrid.nodes.worker.local_state import LocalState
-    from voxgrid.nodes.worker.prepcache import PrepCache
-    from voxgrid.nodes.worker.training import Trainer, pick_device
-
-    runner = JobRunner(Trainer(pick_device(device)), LocalState(state_dir), PrepCache(cache_dir) if cache_dir else None)
-    for kind in ("network", "loss", "optimizer", "transform"):  # the allowlist's imports, before any job waits
-        components.table(kind)
-    conn.send_bytes(json.dumps({"event": "ready", "device": runner.trainer.device.type}).encode())
-    while True:
-        try:
-            job = json.loads(conn.recv_bytes())
-            blob = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        job_id = job["job_id"]
-        conn.send_bytes(json.dumps({"event": "started", "job_id": job_id}).encode())
-        try:
-            metrics, update = runner.run(job, blob)
-            conn.send_bytes(json.dumps({"event": "done", "job_id": job_id, "has_update": update is not None,
-                                        "metrics": metrics.model_dump(mode="json")}).encode())
-            if update is not None:
-                conn.send_bytes(update)
-        except Exception as exc:  # a bad job must never take the worker down
-            log.warning("job %s failed: %s", job_id, traceback.format_exc())
-            conn.send_bytes(json.dumps({"event": "failed", "job_id": job_id,
-                                        "error": f"{type(exc).__name__}: {exc}"}).encode())
-
-
-class JobRunner:
-    """The worker's side of one job: the step limit, the data (kept for the next job on the same
-    dataset), training or evaluation, and the privacy filter chain. Runs in the worker process."""
-
-    def __init__(self, trainer, local_state, prep_cache):
-        self.trainer, self.local_state, self.prep_cache = trainer, local_state, prep_cache
-        self._data: dict[tuple, object] = {}
-
-    def run(self, job: dict, blob: bytes):
-        """(metrics, update bytes or None) of one job message and its start weights."""
-        from voxgrid import tensors
-        from voxgrid.plan import Plan
-        from voxgrid.privacy import PrivacySpec
-        from voxgrid.privacy.mechanisms import apply_filters, secure_generator
-        from voxgrid.privacy.metrics import MetricsRelease
-        from voxgrid.wire import JobRequest
-
-        from voxgrid.nodes.service.limits import planned_steps
-        from voxgrid.nodes.service.secure import noise_share
-        from voxgrid.nodes.worker.training import run_job
-
-        req = JobRequest.model_validate(job["request"])
-        plan = Plan.model_validate(req.plan)
-        cap = job.get("limits", {}).get("max_steps_per_job")
-        if req.kind == "train" and cap and (steps := planned_steps(plan, job["dataset"]["volumes"])) > cap:
-            raise RuntimeError(f"{steps} optimiser steps on this dataset is over the node's limit of {cap} "
-                               "steps per job")
-        release = job.get("metrics_release")
-        metrics, delta = run_job(self.trainer, plan, req.kind, self.data(job["job_id"], req, plan, job["dataset"]),
-                                 tensors.loads(blob), split=req.split, evaluate=req.evaluate, seed=req.seed,
-                                 local_state=self.local_state, job_key=(req.experiment_id, req.dataset, req.round),
-                                 release=MetricsRelease.model_validate(release) if release else None)
-        spec = PrivacySpec.parse(plan.privacy)
-        if delta is not None and spec is not None:
-            # The privacy filter chain runs here, so the raw delta never reaches the server process
-            # or the disk. Noise is seeded from OS entropy, never from the scientist's seed.
-            delta = apply_filters(spec, delta, secure_generator(), noise_share=noise_share(req, metrics))
-        return metrics, tensors.dumps(delta, metadata={"job_id": job["job_id"]}) if delta is not None else None
-
-    def data(self, job_id: str, req, plan, ds: dict):
-        """The dataset's volumes prepared for ``plan`` (one dataset kept at a time: volumes are large)."""
-        from voxgrid.nodes.worker.training import prepare
-
-        key = (req.dataset, ds["fingerprint"], json.dumps(plan.preprocessing, sort_keys=True), tuple(plan.labels))
-        if key not in self._data:
-            site_labels = {int(k): v for k, v in ds["label_names"].items()}
-            try:
-                prepared = prepare(ds["volumes"], site_labels, plan, cache=self.prep_cache, roots=ds.get("data_roots"))
-            except Exception:
-                # Reader errors name files, series UIDs and descriptions: they stay in the node's log.
-                log.warning("job %s: loading dataset %s failed: %s", job_id, req.dataset, traceback.format_exc())
-                raise RuntimeError(f"the volumes of dataset {req.dataset!r} could not be loaded at the node; "
-                                   "its owner can read the reason in the node's log") from None
-            self._data = {key: prepared}
-        return self._data[key]

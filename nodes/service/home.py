@@ -72,6 +72,9 @@ class ServerConfig:
     public_url: str | None = None
     grid_url: str | None = None
     grid_token_file: str | None = None
+    connect: str = "direct"  # node: "direct" (listens on host:port) or "outbound" (dials grid_url; listens on nothing)
+    proxy: str | None = None  # node: forward proxy to the grid (http://host:port); None: HTTPS_PROXY/NO_PROXY
+    proxy_credentials_file: str | None = None  # node: file (in the home) holding "user:password" for the proxy
     device: str = "auto"
     threads: int = 0
     extra: dict = field(default_factory=dict)

@@ -155,7 +155,7 @@ def _transform_voxels(spec: dict, extent: tuple[tuple, tuple] | None) -> float |
     if spec.get("_target_") == "Spacingd" and extent is not None and isinstance(pixdim, (list, tuple)):
         shape, spacing = extent
         if len(pixdim) == len(shape) == len(spacing) and all(isinstance(p, (int, float)) and p > 0 for p in pixdim):
-            return math.prod(n * s / p for n, s, p in zip(shape, spacing, pixdim))
+            return math.prod(n * s / p for n, s, p in zip(shape, spacing, pixdim, strict=True))
     return None
 
 

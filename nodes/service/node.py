@@ -30,7 +30,7 @@ from voxgrid.privacy import (AccountingError, BudgetExceeded, BudgetStatus, Ledg
 from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity
 from voxgrid.privacy.secagg import SecAggError
 from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
-                          EstimateRequest, Health, JobRequest, JobStatus, Metrics, NodeInfo, RevealedShare,
+                          EstimateRequest, Health, JobRequest, JobStatus, NodeInfo, RevealedShare,
                           RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
                           TokenIssued, WeightsRef, WhoAmI)
 
@@ -41,6 +41,7 @@ from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
 from voxgrid.nodes.service.secure import NodeSecAgg, SecureAggregationRefused, parse_config
 from voxgrid.nodes.service.store import NodeStore, new_job_id
 from voxgrid.nodes.service.waits import JobWaits
+from voxgrid.nodes.worker.messages import JobDone, JobFailed, JobStarted, parse_event
 
 log = logging.getLogger("voxgrid.node")
 
@@ -227,12 +228,21 @@ class NodeService:
         return WhoAmI(name=caller.name, role=caller.role)
 
     def info(self, caller: Caller | None = None) -> NodeInfo:
+        """The node's published description; ``caller`` None: the node itself (registering with its grid)."""
+        if caller is not None:
+            self.require(caller, "owner", "scientist")
         device = self.executor_device()
         return NodeInfo(name=self.config.name, url=self.public_url(), version=voxgrid.__version__,
-                        device=device, datasets=[d.info() for d in self.store.datasets()])
+                        device=device, datasets=[d.info() for d in self.store.datasets()],
+                        connect=self.config.connect)
 
     def public_url(self) -> str:
-        return self.config.public_url or f"https://{self.config.host}:{self.config.port}"
+        """Where scientists reach us; in outbound mode, only the name our certificate must carry."""
+        if self.config.public_url:
+            return self.config.public_url
+        if self.config.connect == "outbound":
+            return f"https://{self.config.name}:443"
+        return f"https://{self.config.host}:{self.config.port}"
 
     def executor_device(self) -> str:
         if self.config.device != "auto":
@@ -264,8 +274,12 @@ class NodeService:
         return ds
 
     # jobs --------------------------------------------------------------------------------------
-    def put_weights(self, caller: Caller, data: bytes) -> WeightsRef:
+    def admit_upload(self, caller: Caller) -> None:
+        """Whether ``caller`` may upload weights, asked before a transport reads the body (up to 512 MiB)."""
         self.require(caller, "scientist", "owner")
+
+    def put_weights(self, caller: Caller, data: bytes) -> WeightsRef:
+        self.admit_upload(caller)
         try:
             state = tensors.loads(data)
             tensors.check_finite(state)  # NaN weights would switch off the update's clip downstream
@@ -489,9 +503,11 @@ class NodeService:
             return f"refused after the node restarted: {exc}"
         return None
 
-    def _on_event(self, msg: dict) -> None:
-        job_id, event = msg["job_id"], msg["event"]
-        update = msg.get("update") if event == "done" else None
+    def _on_event(self, msg: JobStarted | JobDone | JobFailed | dict) -> None:
+        """An executor event (:mod:`voxgrid.nodes.worker.messages`; a dict is validated into one first)."""
+        msg = parse_event(msg) if isinstance(msg, dict) else msg
+        job_id, event = msg.job_id, msg.event
+        update = msg.update if isinstance(msg, JobDone) else None
         if event == "started":
             self.store.set_job(job_id, "running")
         elif event == "done":
@@ -502,11 +518,11 @@ class NodeService:
             else:
                 if update is not None:
                     self._updates.put(job_id, update)
-                self.store.set_job(job_id, "done", metrics=Metrics.model_validate(msg["metrics"]))
+                self.store.set_job(job_id, "done", metrics=msg.metrics)
                 self.store.audit("executor", "job.done", job_id)
         elif event == "failed":
             self.ledger.cancel(job_id)
-            self.store.set_job(job_id, "failed", error=redact(msg.get("error", "unknown error")))
+            self.store.set_job(job_id, "failed", error=redact(msg.error))
             self.store.audit("executor", "job.failed", job_id)
         with self._cond:
             self._cond.notify_all()

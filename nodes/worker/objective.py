@@ -65,7 +65,7 @@ def restrict_to_annotated(logits: torch.Tensor, target: torch.Tensor, present: S
 def proximal_term(params: Iterable[torch.Tensor], anchor: Iterable[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx: ``mu / 2 * sum ||w - w_global||^2`` over parameter tensors, in float32 (a scalar)."""
     total = None
-    for w, g in zip(params, anchor):
+    for w, g in zip(params, anchor, strict=True):
         sq = (w.float() - g.float()).pow(2).sum()
         total = sq if total is None else total + sq
     if total is None:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxgrid.nodes.worker.messages import VolumeSpec
+
 log = logging.getLogger("voxgrid.prepcache")
 
 #: Bump when what an entry holds, or how the readers build a volume, changes: old entries then miss.
@@ -43,24 +45,24 @@ def _stat(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def source_fingerprint(volume: dict) -> dict:
+def source_fingerprint(volume: VolumeSpec) -> dict:
     """What identifies a volume's source on disk: its registry fields plus the size, mtime and inode of
     every file read (a DICOM folder recursively). Stat only, no content read: a rewritten file changes
     its mtime, and hashing a series' content would cost about as much as reading it. OSError if gone."""
-    image = Path(volume["image"])
+    image = Path(volume.image)
     if image.is_dir():
         files = [[str(p.relative_to(image)), *_stat(p)] for p in sorted(image.rglob("*")) if p.is_file()]
     else:
         files = [[image.name, *_stat(image)]]
-    label = volume.get("label")
+    label = volume.label
     return {
-        "image": str(image.resolve()), "kind": volume["kind"], "series_uid": volume.get("series_uid"),
-        "allow_resample": bool(volume.get("allow_resample", False)), "files": files,
+        "image": str(image.resolve()), "kind": volume.kind, "series_uid": volume.series_uid,
+        "allow_resample": volume.allow_resample, "files": files,
         "label": str(Path(label).resolve()) if label else None, "label_file": _stat(Path(label)) if label else None,
     }
 
 
-def cache_key(volume: dict, pipeline: list[dict], labels: list[str], lut: np.ndarray) -> str:
+def cache_key(volume: VolumeSpec, pipeline: list[dict], labels: list[str], lut: np.ndarray) -> str:
     """SHA-256 (hex) of everything that decides a preprocessed volume: source, pipeline, label mapping, format."""
     import monai
 
@@ -170,7 +172,7 @@ class PrepCache:
         except (SafetensorError, CacheEntryError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CacheEntryError(f"cache entry {path.name}: {type(exc).__name__}: {exc}") from exc
 
-    def fetch(self, volume: dict, pipeline: list[dict], labels: list[str], lut: np.ndarray,
+    def fetch(self, volume: VolumeSpec, pipeline: list[dict], labels: list[str], lut: np.ndarray,
               build: Callable[[], dict]) -> dict:
         """The prepared item for ``volume``: from the cache, else ``build()`` and stored. A damaged entry is
         removed and rebuilt; a cache that cannot be written (disk full, read-only) only costs speed."""

@@ -11,6 +11,7 @@ import math
 import random
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
-from voxgrid.datasets import VolumeSource, load_volume
+from voxgrid.datasets import load_volume
 from voxgrid.datasets.folder import DataRoots
 from voxgrid.plan import Plan, build_network, dp_sgd_problems, build_optimizer, build_transforms, local_keys
 from voxgrid.tensors import StateDict, check_compatible
@@ -32,6 +33,7 @@ from voxgrid.privacy.metrics import MetricsRelease, release_dice
 from voxgrid.privacy.spec import DPSGD, TrainingContext
 
 from voxgrid.nodes.worker.local_state import LocalState
+from voxgrid.nodes.worker.messages import VolumeSpec
 from voxgrid.nodes.worker.objective import LocalObjective, freeze_except
 
 
@@ -52,12 +54,10 @@ def label_lut(site_labels: dict[int, str], plan: Plan) -> np.ndarray:
     return lut
 
 
-def _prepare_one(v: dict, pre, lut: np.ndarray) -> dict:
-    source = VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"],
-                          series_uid=v.get("series_uid"))
-    vol = load_volume(source, allow_resample=bool(v.get("allow_resample", False)))
+def _prepare_one(v: VolumeSpec, pre, lut: np.ndarray) -> dict:
+    vol = load_volume(v.source(), allow_resample=v.allow_resample)
     if vol.label is None:
-        raise ValueError(f"volume {v['case_id']} has no label map; training needs labels")
+        raise ValueError(f"volume {v.case_id} has no label map; training needs labels")
     affine = torch.as_tensor(vol.affine, dtype=torch.float64)
     item = {
         "image": MetaTensor(torch.as_tensor(vol.image, dtype=torch.float32)[None], affine=affine),
@@ -66,9 +66,10 @@ def _prepare_one(v: dict, pre, lut: np.ndarray) -> dict:
     return pre(item) if pre is not None else item
 
 
-def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan, cache=None,
+def prepare(volumes: Iterable[VolumeSpec | dict], site_labels: dict[int, str], plan: Plan, cache=None,
             roots: list[str] | None = None) -> PreparedData:
-    """Load every volume of a dataset and apply the plan's preprocessing (deterministic transforms).
+    """Load every volume of a dataset (:class:`.messages.VolumeSpec`, or its fields) and apply the plan's
+    preprocessing (deterministic transforms).
 
     ``cache`` (a :class:`.prepcache.PrepCache`): take each prepared volume from the node's disk cache
     when its source, pipeline and label mapping are unchanged, and store the ones built.
@@ -78,15 +79,15 @@ def prepare(volumes: list[dict], site_labels: dict[int, str], plan: Plan, cache=
     pre = Compose(build_transforms(plan.preprocessing)) if plan.preprocessing else None
     lut = label_lut(site_labels, plan)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for v in volumes:
-        allowed.check_source(VolumeSource(case_id=v["case_id"], image=v["image"], label=v["label"], kind=v["kind"]))
+    for v in map(VolumeSpec.model_validate, volumes):
+        allowed.check_source(v.source())
         if cache is None:
             item = _prepare_one(v, pre, lut)
         else:
             item = cache.fetch(v, plan.preprocessing, plan.labels, lut, lambda v=v: _prepare_one(v, pre, lut))
         # The unit of privacy for DP-SGD: the volume's patient, else the volume itself (one volume, one patient).
-        item = {**item, "patient": v.get("patient") or v["case_id"]}
-        splits[v["split"]].append(item)
+        item = {**item, "patient": v.patient or v.case_id}
+        splits[v.split].append(item)
     present = {plan.labels.index(n) for n in site_labels.values() if n in plan.labels}
     return PreparedData(splits, present)
 
@@ -163,16 +164,7 @@ class Trainer:
             return self.train_dp_sgd(plan, net, data, seed, present, spec.dp_sgd)
         torch.manual_seed(seed)
         rng = random.Random(seed)
-        keys = ["image", "label"]
-        crop = Compose([
-            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
-            # Foreground/background balanced patches, as in the multi-site pancreas studies.
-            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=plan.patch_size,
-                                   pos=plan.pos_neg[0], neg=plan.pos_neg[1],
-                                   num_samples=plan.samples_per_volume, allow_smaller=False),
-            *build_transforms(plan.augmentation),
-        ])
-        crop.set_random_state(seed=seed)
+        crop = _patch_crop(plan, plan.samples_per_volume, seed)
         objective = LocalObjective(plan, present, net, dtp_state)
         opt = build_optimizer(plan, net.parameters())
         amp = plan.amp and self.device.type == "cuda"
@@ -225,24 +217,14 @@ class Trainer:
         from opacus.optimizers import DPOptimizer
 
         refuse_for_dp_sgd(plan, net)
-        patients: dict[str, list[dict]] = {}
-        for item in data:
-            patients.setdefault(item.get("patient", id(item)), []).append(item)
-        groups = list(patients.values())
+        groups = _patient_groups(data)
         q, n_steps = f.schedule(TrainingContext(len(groups), plan.batch_size, plan.local_epochs,
                                                 plan.steps_per_epoch))
         torch.manual_seed(seed)
         # Who is sampled must stay secret (privacy amplification by subsampling assumes it), so the
         # sampling uses the OS's entropy, never the scientist's seed; noise too (dp_noise_generator).
         secret = secrets.SystemRandom()
-        keys = ["image", "label"]
-        crop = Compose([
-            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
-            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=plan.patch_size,
-                                   pos=plan.pos_neg[0], neg=plan.pos_neg[1], num_samples=1, allow_smaller=False),
-            *build_transforms(plan.augmentation),
-        ])
-        crop.set_random_state(seed=secret.randrange(2**31))
+        crop = _patch_crop(plan, 1, secret.randrange(2**31))
         objective = LocalObjective(plan, present, net)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = DPOptimizer(build_optimizer(plan, params), noise_multiplier=f.noise_multiplier,
@@ -254,25 +236,14 @@ class Trainer:
             for _ in range(n_steps):
                 batch = [crop(secret.choice(g))[0] for g in groups if secret.random() < q]
                 opt.zero_grad(set_to_none=True)
-                per_patient = [torch.empty((len(batch), *p.shape), device=p.device, dtype=p.dtype) for p in params]
-                for i, s in enumerate(batch):  # one patient, one backward pass: its own gradient
-                    x = s["image"].as_tensor()[None].to(self.device)
-                    y = s["label"].as_tensor()[None].to(self.device)
-                    for buf, g in zip(per_patient, torch.autograd.grad(objective.data_loss(net(x), y), params,
-                                                                       allow_unused=True)):
-                        buf[i] = 0 if g is None else g
-                    # A NaN/inf gradient would make Opacus's clip factor NaN (or 0 * inf) and poison the sum;
-                    # failing would leak which patient caused it. Zero it: norm 0 <= max_grad_norm.
-                    if not all(bool(torch.isfinite(buf[i]).all()) for buf in per_patient):
-                        for buf in per_patient:
-                            buf[i] = 0
-                        zeroed += 1
-                for p, g in zip(params, per_patient):  # (0, ...) when nobody was sampled: noise only
+                per_patient, bad = self._per_patient_grads(net, objective, params, batch)
+                zeroed += bad
+                for p, g in zip(params, per_patient, strict=True):  # (0, ...) when nobody was sampled: noise only
                     p.grad_sample = g
                 if opt.pre_step():  # clip, sum, noise, scale: p.grad is now the private gradient
                     prox = objective.proximal()
                     if prox is not None:
-                        for p, g in zip(params, torch.autograd.grad(prox, params)):
+                        for p, g in zip(params, torch.autograd.grad(prox, params), strict=True):
                             p.grad += g
                     opt.original_optimizer.step()
         finally:  # the network stays cached for the next job: leave no DP state on it
@@ -282,6 +253,26 @@ class Trainer:
         if zeroed:  # data-dependent: the node's log only, never the metrics
             logging.getLogger(__name__).warning("DP-SGD: %d non-finite per-patient gradients were zeroed", zeroed)
         return None, n_steps
+
+    def _per_patient_grads(self, net: torch.nn.Module, objective: LocalObjective, params: list[torch.Tensor],
+                           batch: list[dict]) -> tuple[list[torch.Tensor], int]:
+        """One backward pass per sampled patient, so each gradient is that patient's alone: a buffer
+        (patients, *shape) per parameter, and how many non-finite gradients were zeroed."""
+        per_patient = [torch.empty((len(batch), *p.shape), device=p.device, dtype=p.dtype) for p in params]
+        zeroed = 0
+        for i, s in enumerate(batch):
+            x = s["image"].as_tensor()[None].to(self.device)
+            y = s["label"].as_tensor()[None].to(self.device)
+            grads = torch.autograd.grad(objective.data_loss(net(x), y), params, allow_unused=True)
+            for buf, g in zip(per_patient, grads, strict=True):
+                buf[i] = 0 if g is None else g
+            # A NaN/inf gradient would make Opacus's clip factor NaN (or 0 * inf) and poison the sum;
+            # failing would leak which patient caused it. Zero it: norm 0 <= max_grad_norm.
+            if not all(bool(torch.isfinite(buf[i]).all()) for buf in per_patient):
+                for buf in per_patient:
+                    buf[i] = 0
+                zeroed += 1
+        return per_patient, zeroed
 
     @torch.no_grad()
     def evaluate(self, plan: Plan, net: torch.nn.Module, data: list[dict], present: set[int],
@@ -316,6 +307,28 @@ class Trainer:
             s = scores[c - 1]
             out[plan.labels[c]] = None if (c not in present or math.isnan(s)) else round(float(s), 6)
         return out
+
+
+def _patient_groups(data: list[dict]) -> list[list[dict]]:
+    """The prepared volumes grouped by patient (DP-SGD's unit of privacy; no patient: its own group)."""
+    patients: dict[object, list[dict]] = {}
+    for item in data:
+        patients.setdefault(item.get("patient", id(item)), []).append(item)
+    return list(patients.values())
+
+
+def _patch_crop(plan: Plan, num_samples: int, seed: int) -> Compose:
+    """The plan's training patches: padded to the patch size, cropped foreground/background balanced
+    (as in the multi-site pancreas studies), then the plan's augmentation."""
+    keys = ["image", "label"]
+    crop = Compose([
+        SpatialPadd(keys=keys, spatial_size=plan.patch_size),
+        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=plan.patch_size, pos=plan.pos_neg[0],
+                               neg=plan.pos_neg[1], num_samples=num_samples, allow_smaller=False),
+        *build_transforms(plan.augmentation),
+    ])
+    crop.set_random_state(seed=seed)
+    return crop
 
 
 def _label_indices(label: torch.Tensor) -> torch.Tensor:

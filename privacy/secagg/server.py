@@ -137,34 +137,43 @@ class SecAggServer:
             survivors, dropped = [n for n in survivors if n in group], [n for n in dropped if n in group]
         return RevealRequest(experiment_id=c.experiment_id, round=c.round, survivors=survivors, dropped=dropped)
 
-    def unmask(self, revealed: list[RevealedShare]) -> tuple[np.ndarray, float]:
-        """(weighted sum as float64, total weight). Every check runs before any mask is removed, so a
-        refusal (e.g. too few shares) releases nothing."""
-        self._need("unmasking", "masked", "reveal")
-        self._require_quorum()
-        self._phase = "reveal"
+    def _check_revealed(self, share: RevealedShare, survivors: set[str], dropped: set[str]) -> str:
+        """Refuse a revealed share that is for another round, from a node that sent no masked input, of the
+        wrong kind for its owner, never routed, or at another x than its sender's; returns its description."""
         c = self.config
-        survivors, dropped = set(self._masked), self.sharers - set(self._masked)
+        what = f"revealed {share.kind} share of {share.owner!r} from {share.sender!r}"
+        if share.experiment_id != c.experiment_id or share.round != c.round:
+            raise SecAggError(f"{what} is for experiment {share.experiment_id!r} round {share.round}")
+        if share.sender not in survivors:
+            raise SecAggError(f"{what}: the sender sent no masked input")
+        expected = "self_mask" if share.owner in survivors else "mask_key" if share.owner in dropped else None
+        if share.kind != expected:
+            raise SecAggError(f"{what}: expected {expected or 'nothing'} for that node")
+        if share.owner != share.sender and (share.owner, share.sender) not in self._routed:
+            raise SecAggError(f"{what}: the owner never sent the sender a share")
+        if share.x != c.index(share.sender):
+            raise SecAggError(f"{what}: x is {share.x}, not the sender's {c.index(share.sender)}")
+        return what
+
+    def _revealed_points(self, revealed: list[RevealedShare], survivors: set[str],
+                         dropped: set[str]) -> dict[tuple[str, str], dict[int, int]]:
+        """(owner, kind) -> {x: y} of every checked revealed share; the same x twice must agree."""
         got: dict[tuple[str, str], dict[int, int]] = {}
         for share in revealed:
             share = RevealedShare.model_validate(share) if isinstance(share, dict) else share
-            what = f"revealed {share.kind} share of {share.owner!r} from {share.sender!r}"
-            if share.experiment_id != c.experiment_id or share.round != c.round:
-                raise SecAggError(f"{what} is for experiment {share.experiment_id!r} round {share.round}")
-            if share.sender not in survivors:
-                raise SecAggError(f"{what}: the sender sent no masked input")
-            expected = "self_mask" if share.owner in survivors else "mask_key" if share.owner in dropped else None
-            if share.kind != expected:
-                raise SecAggError(f"{what}: expected {expected or 'nothing'} for that node")
-            if share.owner != share.sender and (share.owner, share.sender) not in self._routed:
-                raise SecAggError(f"{what}: the owner never sent the sender a share")
-            if share.x != c.index(share.sender):
-                raise SecAggError(f"{what}: x is {share.x}, not the sender's {c.index(share.sender)}")
+            what = self._check_revealed(share, survivors, dropped)
             y = shamir.decode_y(share.y, what)
             points = got.setdefault((share.owner, share.kind), {})
             if points.get(share.x, y) != y:
                 raise SecAggError(f"{what} arrived twice with different values")
             points[share.x] = y
+        return got
+
+    def _mask_streams(self, got: dict[tuple[str, str], dict[int, int]], survivors: set[str],
+                      dropped: set[str]) -> list[masks.Stream]:
+        """The masks to remove: each survivor's self-mask, and each dropped node's pairwise masks with the
+        survivors it shared with (from its reconstructed mask key, checked against the advertised one)."""
+        c = self.config
         t = c.threshold
         streams = []
         for owner in sorted(survivors):
@@ -179,6 +188,17 @@ class SecAggServer:
                 if (owner, peer) in self._routed:  # the peer received owner's share, so it masked with owner
                     seed = pair_seed(key, b64d(self._keys[peer].mask_pk), c.experiment_id, c.round, peer, owner)
                     streams.append(masks.Stream(seed, -1 if peer < owner else 1))
+        return streams
+
+    def unmask(self, revealed: list[RevealedShare]) -> tuple[np.ndarray, float]:
+        """(weighted sum as float64, total weight). Every check runs before any mask is removed, so a
+        refusal (e.g. too few shares) releases nothing."""
+        self._need("unmasking", "masked", "reveal")
+        self._require_quorum()
+        self._phase = "reveal"
+        survivors, dropped = set(self._masked), self.sharers - set(self._masked)
+        got = self._revealed_points(revealed, survivors, dropped)
+        streams = self._mask_streams(got, survivors, dropped)
         masks.apply(self._sum, streams)
         self._phase = "done"
-        return decode(c, self._sum)
+        return decode(self.config, self._sum)

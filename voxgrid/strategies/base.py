@@ -114,7 +114,7 @@ def sample_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 
 def weighted_delta(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> StateDict:
-    """sum_k w_k * delta_k / sum_k w_k, accumulated in place in (at least) float32."""
+    """sum_k w_k * delta_k / sum_k w_k (one weight per update), accumulated in place in (at least) float32."""
     if not updates:
         raise ValueError("cannot aggregate zero updates")
     total = float(sum(weights))
@@ -123,7 +123,7 @@ def weighted_delta(updates: Sequence[ClientUpdate], weights: Sequence[float]) ->
     out: StateDict = {}
     for key, ref in updates[0].delta.items():
         acc = torch.zeros(ref.shape, dtype=torch.promote_types(ref.dtype, torch.float32))
-        for u, w in zip(updates, weights):
+        for u, w in zip(updates, weights, strict=True):
             acc.add_(u.delta[key], alpha=w / total)  # in place: no temporaries the size of the model
         out[key] = acc
     return out
