@@ -21,6 +21,8 @@ split), batch 2, one local epoch = 4 Adam steps (lr 1e-4, DiceCE, 1 patch of 64^
     python benchmarks/round_overhead.py                 # full size
     python benchmarks/round_overhead.py --small --json out.json   # CI size: 32^3, 2 rounds, tiny UNet
     python benchmarks/round_overhead.py --secure        # the same rounds with secure aggregation
+    python benchmarks/round_overhead.py --relay         # direct mode, then every node in outbound mode
+                                                        # (through the grid's relay); last line: the ratio
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="node executor device: cpu, cuda or auto (default cpu)")
     p.add_argument("--secure", action="store_true",
                    help="run the rounds with secure aggregation (compare its wall time with a run without)")
+    p.add_argument("--relay", action="store_true",
+                   help="run the rounds twice, nodes in direct mode and then in outbound mode (reached through "
+                        "the grid's relay), and compare the overheads")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the figures to this JSON file")
     p.add_argument("--root", type=Path, help="folder for the federation (default: a temporary one, removed after)")
     args = p.parse_args(argv)
@@ -95,7 +100,32 @@ def summarise(rows: list[dict]) -> dict:
     return {"excluding_round_0": stats(rows[1:]), "including_round_0": stats(rows)}
 
 
-def run(args, echo=print) -> dict:
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def run_both(args, echo=print) -> dict:
+    """Direct mode, then outbound mode, with the same workload; the ratio of their overheads."""
+    figures = {}
+    for mode in ("direct", "relayed"):
+        echo(f"[bench] --- nodes in {'outbound mode, through the relay' if mode == 'relayed' else 'direct mode'}")
+        figures[mode] = run(args, echo, outbound=mode == "relayed")
+    key = "excluding_round_0" if args.rounds > 1 else "including_round_0"
+    direct, relayed = (figures[m]["summary"][key]["overhead_s"] for m in ("direct", "relayed"))
+    ratio = relayed / direct if direct > 0 else math.nan
+    figures["relayed_over_direct"] = ratio
+    echo(f"[bench] grid process peak memory: direct {figures['direct']['grid_peak_rss_mib']:.0f} MiB, "
+         f"relaying {figures['relayed']['grid_peak_rss_mib']:.0f} MiB")
+    echo(f"overhead per round: direct {direct * 1e3:.0f} ms, relayed {relayed * 1e3:.0f} ms; "
+         f"relayed/direct {ratio:.2f} (aim: at most 1.5)")
+    return figures
+
+
+def run(args, echo=print, outbound: bool = False) -> dict:
     import voxgrid
     from voxgrid.datasets import default_sites
     from voxgrid.nodes.local.federation import LocalFederation
@@ -111,8 +141,10 @@ def run(args, echo=print) -> dict:
          f"{args.rounds} rounds, {args.threads} thread(s) per node, device {args.device}"
          f"{', secure aggregation' if args.secure else ''}")
     t0 = time.perf_counter()
-    fed = LocalFederation.create(root, specs, splits=(1, 0, 0), threads=args.threads, device=args.device)
+    fed = LocalFederation.create(root, specs, splits=(1, 0, 0), threads=args.threads, device=args.device,
+                                 outbound=tuple(s.name for s in specs) if outbound else ())
     rows: list[dict] = []
+    grid_peak = math.nan
     try:
         with fed:
             fed.start()
@@ -141,6 +173,7 @@ def run(args, echo=print) -> dict:
                             if r.secure_s else ""))
 
                 exp.run(progress=False, on_round=on_round)
+                grid_peak = _peak_rss_mib(fed.grid.popen.pid)
             finally:
                 grid.close()  # before stopping the servers: an open TLS connection delays their shutdown
     finally:
@@ -171,13 +204,15 @@ def run(args, echo=print) -> dict:
         "summary": summary,
         "target_overhead_s": TARGET_OVERHEAD_S,
         "meets_target": bool(steady < TARGET_OVERHEAD_S),
+        "outbound": outbound,
+        "grid_peak_rss_mib": grid_peak,
         "total_s": time.perf_counter() - t0,
     }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    figures = run(args)
+    figures = run_both(args) if args.relay else run(args)
     write_json(args.json, figures, "bench")
     return 0
 

@@ -144,9 +144,11 @@ def _raw(fed, head: bytes, read: bool = True) -> bytes:
 
 
 def test_bad_relay_requests_get_clear_answers_and_the_grid_keeps_serving(fed):
+    from voxgrid.client import grid_credential
+
     a = fed.nodes[0]
-    node_token = (fed.root / "certs" / f"{a.name}.grid.token").read_text().strip()
-    sci = fed.scientist_token
+    node_token = grid_credential((fed.root / "certs" / f"{a.name}.grid.token").read_text().strip())
+    sci = grid_credential(fed.scientist_token)  # what a client sends the grid
     assert b"407" in _raw(fed, f"CONNECT {a.name}:443 HTTP/1.1\r\n\r\n".encode())
     assert b"Bearer" in _raw(fed, f"CONNECT {a.name}:443 HTTP/1.1\r\nProxy-Authorization: Bearer nope\r\n\r\n".encode())
     answer = _raw(fed, f"CONNECT elsewhere:443 HTTP/1.1\r\nProxy-Authorization: Bearer {sci}\r\n\r\n".encode())
@@ -171,8 +173,10 @@ def test_bad_relay_requests_get_clear_answers_and_the_grid_keeps_serving(fed):
 
 
 def test_a_garbage_control_line_drops_only_that_link_and_the_node_redials(fed):
+    from voxgrid.client import grid_credential
+
     a = fed.nodes[0]
-    node_token = (fed.root / "certs" / f"{a.name}.grid.token").read_text().strip()
+    node_token = grid_credential((fed.root / "certs" / f"{a.name}.grid.token").read_text().strip())
     ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
     with socket.create_connection(("127.0.0.1", fed.grid.port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
@@ -215,3 +219,72 @@ def test_a_grid_restart_breaks_the_link_and_the_accepted_job_is_collected_after(
         status = ptr.client.job(job.job_id, wait=60)
     assert status.state == "done", status
     assert len(ptr.client.update(job.job_id)) > 1000
+
+
+def _refusing_proxy() -> tuple[socket.socket, int]:
+    """A forward proxy that refuses every CONNECT (403), on a free port: one thread, one answer per client."""
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def test_the_doctor_checks_the_outbound_path_and_names_the_hop_that_fails(fed, tmp_path):
+    import shutil
+
+    from voxgrid.nodes.ops import doctor
+
+    def outbound(home):
+        return {c.name: c for c in doctor.diagnose(home, gpu=False)}["outbound"]
+
+    ok = outbound(fed.nodes[0].home)
+    assert ok.status == "ok" and "grid TCP ok -> TLS ok -> grid ok" in ok.reason, ok
+    copy = tmp_path / "node"
+    shutil.copytree(fed.nodes[0].home, copy, ignore=shutil.ignore_patterns("*.db*", "cache", "blobs", "updates"))
+    cfg = Home(copy).load()
+    closed = socket.create_server(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    srv, refusing = _refusing_proxy()
+    try:
+        for proxy, hop in [(f"http://127.0.0.1:{dead_port}", "'proxy' hop failed"),
+                           (f"http://127.0.0.1:{refusing}", "'proxy CONNECT' hop failed: proxy 127.0.0.1")]:
+            cfg.proxy = proxy
+            Home(copy).save(cfg)
+            check = outbound(copy)
+            assert check.status == "fail" and hop in check.reason, check
+    finally:
+        srv.close()
+    cfg.proxy = None
+    Home(copy).save(cfg)
+    (copy / cfg.grid_token_file).write_text("not-a-token\n")
+    check = outbound(copy)
+    assert check.status == "fail" and "'grid' hop failed" in check.reason and "401" in check.reason, check
+
+
+def test_the_grid_never_holds_a_token_a_node_accepts(fed):
+    import sqlite3
+
+    from voxgrid.client import grid_credential
+    from voxgrid.nodes.service.db import hash_token
+
+    token = fed.scientist_token  # valid at the grid and at every node
+    with sqlite3.connect(Home(fed.grid.home, "grid").db_file) as db:
+        stored = {r[0] for r in db.execute("SELECT token_hash FROM tokens")}
+    assert hash_token(token) not in stored and hash_token(grid_credential(token)) in stored
+    with GridClient(fed.grid.url, token, fed.ca_cert) as grid:
+        assert grid.whoami().role == "scientist"  # the client sent the grid only the credential
+    with _relayed(fed, grid_credential(token)) as client, pytest.raises(voxgrid.AuthError):
+        client.whoami()  # what the grid sees is refused at the node

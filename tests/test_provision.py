@@ -176,3 +176,30 @@ def test_kits_start_a_federation_and_the_launcher_runs_a_node(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_an_outbound_site_kit_creates_a_node_that_dials_out_through_the_sites_proxy(tmp_path):
+    path = project(tmp_path, sites=("node-a", "node-b"))
+    data = json.loads(path.read_text())
+    data["sites"][1].update(host="node-b.hospital-b.internal", port=443, connect="outbound")
+    path.write_text(json.dumps(data))
+    out = tmp_path / "kits"
+    provision(path, out)
+    kit = out / "node-b"
+    assert json.loads((kit / "kit.json").read_text())["connect"] == "outbound"
+    assert "--connect outbound" in (kit / "start.sh").read_text()
+    assert "--connect" not in (out / "node-a" / "start.sh").read_text()
+    (tmp_path / "proxy.cred").write_text("site-b:s3cret\n")
+    # VOXGRID: the real command for 'init', a no-op for 'start' (serving is tested elsewhere)
+    wrapper = tmp_path / "vx.sh"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$2" = start ]; then exit 0; fi\nexec {sys.executable} -m voxgrid "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, VOXGRID=str(wrapper), VOXGRID_HOME=str(tmp_path / "home"),
+               VOXGRID_PROXY="http://proxy.hospital-b.internal:3128", VOXGRID_PROXY_CREDENTIALS=str(tmp_path / "proxy.cred"))
+    r = subprocess.run(["sh", str(kit / "start.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "home" / "node.json").read_text())
+    assert cfg["connect"] == "outbound" and cfg["proxy"] == "http://proxy.hospital-b.internal:3128"
+    assert cfg["public_url"] == "https://node-b.hospital-b.internal:443"
+    assert (tmp_path / "home" / cfg["proxy_credentials_file"]).read_text().strip() == "site-b:s3cret"
+    assert (tmp_path / "home" / cfg["proxy_credentials_file"]).stat().st_mode & 0o777 == 0o600

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from voxgrid import tensors
-from voxgrid.evaluation import run_node_job, site_names
+from voxgrid.evaluation import site_names
 from voxgrid.experiment import Experiment, RoundResult
+from voxgrid.jobs import across_nodes
 from voxgrid.plan import Plan
 from voxgrid.pointers import DatasetPointer
 from voxgrid.selection import SelectedModel, mean_score
@@ -45,14 +46,15 @@ class LocalBaselines:
             site: Experiment(plan, [p], strategy=FedAvg(), rounds=rounds, job_timeout=job_timeout, evaluate=evaluate,
                              checkpoint_dir=folder / site if folder else None, name=f"{name}-{site}"[:40], seed=seed,
                              initial=initial, select=True)
-            for site, p in zip(self.sites, self.pointers)}
+            for site, p in zip(self.sites, self.pointers, strict=True)}
 
     @classmethod
     def resume(cls, folder: str | Path, pointers: list[DatasetPointer]) -> LocalBaselines:
         """Continue from ``checkpoint_dir`` (each site's experiment from its own checkpoint)."""
         self = cls.__new__(cls)
         self.pointers, self.sites = list(pointers), site_names(pointers)
-        self.experiments = {s: Experiment.resume(Path(folder) / s, [p]) for s, p in zip(self.sites, self.pointers)}
+        self.experiments = {s: Experiment.resume(Path(folder) / s, [p])
+                            for s, p in zip(self.sites, self.pointers, strict=True)}
         first = next(iter(self.experiments.values()))
         self.plan, self.rounds = first.plan, first.rounds
         return self
@@ -139,12 +141,9 @@ def finetune(experiment: Experiment, *, epochs: int = 1, part: Literal["all", "h
                          plan=plan.model_dump(mode="json"), plan_hash=plan.content_hash,
                          weights_id=tensors.digest(blob), split="val", evaluate=True,
                          seed=experiment.seed * 100003 + rnd)
-        st = run_node_job(p, req, blob, timeout)
-        delta = tensors.loads(p.client.update(st.job_id))
-        tensors.check_compatible(start, delta)
+        st, delta = experiment.jobs.train(p, req, blob, like=start, timeout=timeout)
         return apply_delta(start, delta), mean_score([st.metrics.mean_dice])
 
-    with ThreadPoolExecutor(max_workers=len(pointers)) as pool:
-        results = list(pool.map(one, pointers))
+    results = across_nodes(one, pointers)
     return [SelectedModel(f"{prefix} {site}", weights, plan, experiment.experiment_id, rnd, score, site)
-            for site, (weights, score) in zip(site_names(pointers), results)]
+            for site, (weights, score) in zip(site_names(pointers), results, strict=True)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 import time
 from dataclasses import dataclass
@@ -69,6 +70,17 @@ def _verify(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext | bool:
     return client_ssl_context(Path(ca))
 
 
+GRID_CREDENTIAL_PREFIX = "vxgc_"
+
+
+def grid_credential(token: str) -> str:
+    """What a token holder sends to the grid instead of the token: a one-way derivative of it.
+
+    Why: the grid relays scientists to outbound nodes, and the same token is often valid at the nodes
+    too; the grid stores and checks only this derivative, so it never holds a token a node accepts."""
+    return GRID_CREDENTIAL_PREFIX + hashlib.sha256(b"voxgrid grid credential\0" + token.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Relayed:
     """The way to a node in outbound mode: through its grid's relay, with the scientist's grid token.
@@ -82,7 +94,7 @@ class Relayed:
     def proxy(self, verify: ssl.SSLContext | bool) -> httpx.Proxy:
         context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
         return httpx.Proxy(self.grid_url, ssl_context=context,
-                           headers={"Proxy-Authorization": f"Bearer {self.grid_token}"})
+                           headers={"Proxy-Authorization": f"Bearer {grid_credential(self.grid_token)}"})
 
 
 class _Client:
@@ -98,6 +110,11 @@ class _Client:
         transport = httpx.HTTPTransport(verify=verify, uds=uds) if uds else None
         self._http = httpx.Client(base_url=self.url + API_PREFIX, verify=verify, timeout=timeout, proxy=proxy,
                                   transport=transport, headers={"Authorization": f"Bearer {token}"})
+
+    @property
+    def relayed(self) -> bool:
+        """Whether calls go through the grid's relay (the server is in outbound mode)."""
+        return self._relayed
 
     def close(self) -> None:
         self._http.close()
@@ -231,7 +248,11 @@ class NodeClient(_Client):
 
 
 class GridClient(_Client):
-    """The grid directory: search datasets by tag, list nodes."""
+    """The grid directory: search datasets by tag, list nodes. It sends the grid only
+    :func:`grid_credential` of the token, never the token itself."""
+
+    def __init__(self, url: str, token: str, ca=None, timeout: float = 120.0, via=None, uds: str | None = None):
+        super().__init__(url, grid_credential(token), ca, timeout, via, uds)
 
     def search(self, *tags: str) -> SearchResponse:
         return self._call("GET", "/search", SearchResponse, params=[("tag", t) for t in tags])

@@ -10,16 +10,14 @@ Scoring runs at the nodes as evaluate jobs (no voxel leaves a node); only Dice c
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from voxgrid import tensors
-from voxgrid.client import RequestRefused, VoxgridError
+from voxgrid.jobs import JOB_ERRORS, JobRunner, across_nodes, describe
 from voxgrid.pointers import DatasetPointer
 from voxgrid.selection import SelectedModel, mean_score
-from voxgrid.wire import JobRequest, JobStatus
+from voxgrid.wire import JobRequest
 
 AVERAGE = "average"
 
@@ -27,23 +25,7 @@ AVERAGE = "average"
 def site_names(pointers: Sequence[DatasetPointer]) -> list[str]:
     """A column name per pointer: the dataset name, or ``dataset@node`` where names repeat."""
     names = [p.name for p in pointers]
-    return [n if names.count(n) == 1 else f"{n}@{p.node}" for n, p in zip(names, pointers)]
-
-
-def run_node_job(p: DatasetPointer, req: JobRequest, blob: bytes, timeout: float) -> JobStatus:
-    """Upload the weights, submit the job, long-poll until it ends; raise VoxgridError if it failed."""
-    deadline = time.monotonic() + timeout
-    ref = p.client.put_weights(blob)
-    if ref.weights_id != req.weights_id:
-        raise VoxgridError(f"node {p.node} stored the weights under {ref.weights_id}, expected {req.weights_id}")
-    st = p.client.submit(req)
-    while st.state in ("queued", "running"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {st.job_id} did not finish within {timeout:.0f} s")
-        st = p.client.job(st.job_id, wait=min(30.0, max(0.1, deadline - time.monotonic())))
-    if st.state == "failed":
-        raise VoxgridError(f"job failed at node {p.node}: {st.error}")
-    return st
+    return [n if names.count(n) == 1 else f"{n}@{p.node}" for n, p in zip(names, pointers, strict=True)]
 
 
 @dataclass
@@ -85,14 +67,15 @@ class CrossSiteTable:
 
     def render(self, digits: int = 3) -> str:
         """Plain text in the studies' layout: a header row of sites over a row of classes."""
-        cols = [(s, c) for s in self.sites for c in self.site_classes[s]] + [(AVERAGE, c) for c in [*self.classes, "mean"]]
+        cols = [(s, c) for s in self.sites for c in self.site_classes[s]]
+        cols += [(AVERAGE, c) for c in [*self.classes, "mean"]]
         width = max(8, digits + 4, *(len(c) + 1 for _, c in cols))
         name_w = max(len("model"), *(len(m.name) for m in self.models)) + 2
         groups = [(s, sum(1 for g, _ in cols if g == s)) for s in [*self.sites, AVERAGE]]
         top = " " * name_w + "".join(f"{s[:w * width - 1]:^{w * width}}" for s, w in groups)
         head = f"{'model':<{name_w}}" + "".join(f"{c:>{width}}" for _, c in cols)
         lines = [f"Dice on each site's {self.split} split", top, head, "-" * len(head)]
-        for m, row in zip(self.models, self.frame.itertuples(index=False)):
+        for m, row in zip(self.models, self.frame.itertuples(index=False), strict=True):
             cells = "".join(f"{'-' if v is None or math.isnan(v) else f'{v:.{digits}f}':>{width}}" for v in row)
             lines.append(f"{m.name:<{name_w}}{cells}")
         for name, errs in self.errors.items():
@@ -125,25 +108,26 @@ def cross_site_evaluation(models: Sequence[SelectedModel], pointers: Sequence[Da
         raise ValueError("cross-site evaluation needs at least one model and one pointer")
     sites = site_names(pointers)
     blobs = [tensors.dumps(m.weights) for m in models]
+    runner = JobRunner(job_timeout)  # each model's weights go to each node once, whatever its datasets
 
     def at_site(p: DatasetPointer):
         scores, errors = {}, {}
-        for m, blob in zip(models, blobs):
+        for m, blob in zip(models, blobs, strict=True):
             req = JobRequest(kind="evaluate", experiment_id=m.experiment_id, round=m.round, dataset=p.name,
                              plan=m.plan.model_dump(mode="json"), plan_hash=m.plan.content_hash,
                              weights_id=tensors.digest(blob), split=split, evaluate=False, seed=seed)
             try:
-                scores[m.name] = dict(run_node_job(p, req, blob, job_timeout).metrics.dice)
-            except (VoxgridError, RequestRefused, TimeoutError, ValueError, OSError) as exc:
-                scores[m.name], errors[m.name] = {}, f"{type(exc).__name__}: {exc}"
+                scores[m.name] = dict(runner.run(p, req, blob).metrics.dice)
+            except JOB_ERRORS as exc:
+                scores[m.name], errors[m.name] = {}, describe(exc)
         return scores, errors
 
-    with ThreadPoolExecutor(max_workers=len(pointers)) as pool:
-        results = list(pool.map(at_site, pointers))
-    dice = {m.name: {s: r[0][m.name] for s, r in zip(sites, results)} for m in models}
+    results = across_nodes(at_site, pointers)
+    dice = {m.name: {s: r[0][m.name] for s, r in zip(sites, results, strict=True)} for m in models}
     errors = {}
-    for s, (_, errs) in zip(sites, results):
+    for s, (_, errs) in zip(sites, results, strict=True):
         for name, e in errs.items():
             errors.setdefault(name, {})[s] = e
-    site_classes = {s: [c for c in p.info.label_names[1:] if c in models[0].plan.labels] for s, p in zip(sites, pointers)}
+    site_classes = {s: [c for c in p.info.label_names[1:] if c in models[0].plan.labels]
+                    for s, p in zip(sites, pointers, strict=True)}
     return CrossSiteTable(split, sites, site_classes, list(models), dice, errors)

@@ -3,81 +3,35 @@
 Each round: send the global weights and the plan to every selected node, wait for their updates
 (dropping nodes that fail or time out, as long as ``min_nodes`` answered), aggregate with the
 strategy, score the new global model on each site's test split, checkpoint.
+
+Jobs run through :class:`voxgrid.jobs.JobRunner` (``exp.jobs``); checkpoints are
+:mod:`voxgrid.checkpoints`, reports and round results :mod:`voxgrid.reports`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from voxgrid import tensors
-from voxgrid.client import RequestRefused, VoxgridError
+from voxgrid import checkpoints, reports, tensors
+from voxgrid.client import VoxgridError
+from voxgrid.jobs import JOB_ERRORS, JobRunner, Ticket, across_nodes, describe
 from voxgrid.plan import Plan, initial_weights
 from voxgrid.pointers import DatasetPointer
-from voxgrid.selection import ModelSelection, mean_score
-from voxgrid.strategies import ClientUpdate, FedAvg, Strategy, StrategyState, from_config
-from voxgrid.tensors import StateDict
 from voxgrid.privacy import PrivacySpec
+from voxgrid.reports import RoundResult, SiteResult
 from voxgrid.secure import check_secure, round_config, secure_round
+from voxgrid.selection import ModelSelection, mean_score
+from voxgrid.strategies import ClientUpdate, FedAvg, Strategy
+from voxgrid.tensors import StateDict
 from voxgrid.wire import NAME_RE, JobRequest, JobStatus, SecureAggregation
+
+__all__ = ["Experiment", "RoundFailed", "RoundResult", "SiteResult"]
 
 
 class RoundFailed(VoxgridError):
     """Fewer than ``min_nodes`` nodes answered a round; the global model is unchanged."""
-
-
-@dataclass
-class SiteResult:
-    node: str
-    dataset: str
-    ok: bool
-    error: str | None = None
-    samples: int = 0
-    loss: float | None = None
-    val_dice: dict = field(default_factory=dict)
-    test_dice: dict = field(default_factory=dict)
-    compute_s: float = 0.0
-    global_val_dice: dict = field(default_factory=dict)  # the new global model on the val split (select=True)
-    privacy: dict | None = None  # the node's privacy receipt for this release (voxgrid.privacy.Receipt as JSON)
-
-    @property
-    def site(self) -> str:
-        return f"{self.dataset}@{self.node}"
-
-
-@dataclass
-class RoundResult:
-    round: int
-    sites: list[SiteResult]
-    wall_s: float
-    compute_s: float  # the slowest node's local compute: the critical path of the round
-    train_wall_s: float
-    eval_wall_s: float = 0.0
-    secure_s: dict = field(default_factory=dict)  # secure aggregation: seconds per step (voxgrid.secure)
-
-    @property
-    def overhead_s(self) -> float:
-        """Everything but local training compute: scheduling, serialisation, transfer, aggregation."""
-        return self.train_wall_s - self.compute_s
-
-    @property
-    def mean_test_dice(self) -> float:
-        """Mean over the answering sites and their annotated classes of the global model's test Dice (NaN if none)."""
-        return _mean_dice([s.test_dice for s in self.sites if s.ok])
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["overhead_s"] = self.overhead_s
-        return d
-
-
-def _timed_out(deadline: float) -> bool:
-    return time.monotonic() > deadline
 
 
 class Experiment:
@@ -103,6 +57,10 @@ class Experiment:
         secure_neighbours: SecAgg+ (Bell et al. 2020): each node masks with and shares its secrets
             among only this many others (an even number) instead of all, for large federations;
             the threshold then applies to each node's group. None: every pair (Bonawitz et al.).
+
+    Jobs go through ``exp.jobs`` (:class:`voxgrid.jobs.JobRunner`): a node that cannot be reached
+    while its job runs is polled again, with backoff, for up to ``exp.jobs.unreachable_timeout``
+    seconds (60 by default) before it is dropped from the round.
     """
 
     def __init__(self, plan: Plan, pointers: list[DatasetPointer], *, strategy: Strategy | None = None,
@@ -140,9 +98,9 @@ class Experiment:
         self.history: list[RoundResult] = []
         self.select = select
         self.selection = ModelSelection(self.plan, self.experiment_id) if select else None
-        # weights id last uploaded to each node URL: the weights scored after round r are the ones
-        # round r + 1 trains from, so each node gets those bytes once, not twice.
-        self._sent_weights: dict[str, str] = {}
+        # Jobs run through one runner, which uploads each weight set to each node once: the weights
+        # scored after round r are the ones round r + 1 trains from, so a node gets those bytes once.
+        self.jobs = JobRunner(job_timeout)
         self._blob_cache: tuple[StateDict, bytes, str] | None = None
 
     # the loop ----------------------------------------------------------------------------------
@@ -172,14 +130,7 @@ class Experiment:
         t0 = time.perf_counter()
         outcomes, secure_s = self._secure_round(rnd) if self.secure_aggregation else (self._plain_round(rnd), {})
         train_wall = time.perf_counter() - t0
-        sites = []
-        for p, (st, err) in zip(self.pointers, outcomes):
-            m = st.metrics if st is not None and st.metrics else None
-            sites.append(SiteResult(node=p.node, dataset=p.name, ok=err is None, error=err,
-                                    samples=m.samples if m else 0, loss=m.loss if m else None,
-                                    val_dice=dict(m.dice) if m else {}, compute_s=m.compute_s if m else 0.0,
-                                    privacy=st.privacy.model_dump(mode="json") if st is not None and st.privacy
-                                    else None))
+        sites = [SiteResult.from_status(p, st, err) for p, (st, err) in zip(self.pointers, outcomes, strict=True)]
         compute = max((s.compute_s for s in sites if s.ok), default=0.0)
         t1 = time.perf_counter()
         if self.evaluate:
@@ -197,20 +148,19 @@ class Experiment:
     def _check_answered(self, rnd: int, outcomes: list, extra: str = "") -> None:
         answered = sum(err is None for _, err in outcomes)
         if answered < self.min_nodes or extra:
-            reasons = "; ".join(f"{p.node}: {err}" for p, (_, err) in zip(self.pointers, outcomes) if err)
+            reasons = "; ".join(f"{p.node}: {err}" for p, (_, err) in zip(self.pointers, outcomes, strict=True) if err)
             raise RoundFailed(f"round {rnd}: only {answered} of {len(self.pointers)} nodes answered, "
                               f"min_nodes={self.min_nodes} ({reasons}){extra}")
 
     def _plain_round(self, rnd: int) -> list[tuple[JobStatus | None, str | None]]:
         """Every node's update is downloaded and the strategy aggregates them."""
         blob, wid = self._global_blob()
-        with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
-            trained = list(pool.map(lambda p: self._train_one(p, rnd, blob, wid), self.pointers))
+        trained = across_nodes(lambda p: self._train_one(p, rnd, blob, wid), self.pointers)
         outcomes = [(st, err) for st, _, err in trained]
         self._check_answered(rnd, outcomes)
         updates = [ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
                                 metrics=st.metrics.model_dump())
-                   for p, (st, delta, err) in zip(self.pointers, trained) if err is None]
+                   for p, (st, delta, err) in zip(self.pointers, trained, strict=True) if err is None]
         start, self.global_weights = self.global_weights, self.strategy.aggregate(self.global_weights, updates)
         if self.selection:
             self.selection.observe_local(rnd, start, updates)
@@ -234,55 +184,32 @@ class Experiment:
              secure: SecureAggregation | None = None) -> JobRequest:
         return JobRequest(kind=kind, experiment_id=self.experiment_id, round=rnd, dataset=p.name,
                           plan=self.plan.model_dump(mode="json"), plan_hash=self.plan.content_hash,
-                          weights_id=weights_id, split=split, evaluate=(self.evaluate or self.select) and kind == "train",
+                          weights_id=weights_id, split=split,
+                          evaluate=(self.evaluate or self.select) and kind == "train",
                           seed=self.seed * 100003 + rnd, secure=secure)
 
+    # jobs (through self.jobs; the job timeout is read at each submission) ------------------------
     def _put_weights(self, p: DatasetPointer, blob: bytes, weights_id: str, force: bool = False) -> bool:
-        """Upload ``blob`` unless this experiment already sent these weights to the node; True if uploaded."""
-        if not force and self._sent_weights.get(p.url) == weights_id:
-            return False
-        ref = p.client.put_weights(blob)
-        if ref.weights_id != weights_id:
-            raise VoxgridError(f"node {p.node} stored the weights under {ref.weights_id}, expected {weights_id}")
-        self._sent_weights[p.url] = weights_id
-        return True
+        """Upload ``blob`` unless these weights were already sent to the node; True if uploaded."""
+        return self.jobs.put_weights(p, blob, weights_id, force=force)
+
+    def _submit(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> Ticket:
+        """Submit (uploading the weights first if needed); the ticket holds the job's deadline."""
+        return self.jobs.submit(p, req, blob, timeout=self.job_timeout)
+
+    def _wait(self, p: DatasetPointer, ticket: Ticket) -> JobStatus:
+        return self.jobs.wait(p, ticket)
 
     def _await(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> JobStatus:
         """Upload weights (if the node lacks them), submit, long-poll until the job ends or the timeout passes."""
         return self._wait(p, self._submit(p, req, blob))
 
-    def _submit(self, p: DatasetPointer, req: JobRequest, blob: bytes) -> tuple[JobStatus, float]:
-        """Submit (uploading the weights first if needed); returns the status and the job's deadline."""
-        deadline = time.monotonic() + self.job_timeout
-        uploaded = self._put_weights(p, blob, req.weights_id)
-        try:
-            st = p.client.submit(req)
-        except RequestRefused:
-            if uploaded:
-                raise
-            # The node no longer holds the weights sent earlier (e.g. a rebuilt home): send them again.
-            self._put_weights(p, blob, req.weights_id, force=True)
-            st = p.client.submit(req)
-        return st, deadline
-
-    def _wait(self, p: DatasetPointer, submitted: tuple[JobStatus, float]) -> JobStatus:
-        st, deadline = submitted
-        while st.state in ("queued", "running"):
-            if _timed_out(deadline):
-                raise TimeoutError(f"job {st.job_id} did not finish within {self.job_timeout:.0f} s")
-            st = p.client.job(st.job_id, wait=min(30.0, max(0.1, deadline - time.monotonic())))
-        if st.state == "failed":
-            raise VoxgridError(f"job failed at the node: {st.error}")
-        return st
-
     def _train_one(self, p: DatasetPointer, rnd: int, blob: bytes, weights_id: str):
         try:
             st = self._await(p, self._job(p, rnd, weights_id, "train"), blob)
-            delta = tensors.loads(p.client.update(st.job_id))
-            tensors.check_compatible(self.global_weights, delta)
-            return st, delta, None
-        except (VoxgridError, TimeoutError, ValueError, OSError) as exc:
-            return None, None, f"{type(exc).__name__}: {exc}"
+            return st, self.jobs.update(p, st, like=self.global_weights), None
+        except JOB_ERRORS as exc:
+            return None, None, describe(exc)
 
     def _global_blob(self) -> tuple[bytes, str]:
         """The global weights as safetensors and their digest, made once per weight set: scoring,
@@ -300,12 +227,11 @@ class Experiment:
             try:
                 st = self._await(p, self._job(p, rnd, wid, "evaluate", split=split), blob)
                 return dict(st.metrics.dice)
-            except (VoxgridError, TimeoutError, ValueError, OSError):
+            except JOB_ERRORS:
                 return {}
 
-        with ThreadPoolExecutor(max_workers=len(self.pointers)) as pool:
-            for site, dice in zip(sites, pool.map(one, self.pointers)):
-                setattr(site, "test_dice" if split == "test" else "global_val_dice", dice)
+        for site, dice in zip(sites, across_nodes(one, self.pointers), strict=True):
+            setattr(site, "test_dice" if split == "test" else "global_val_dice", dice)
 
     def _select(self, rnd: int, sites: list[SiteResult]) -> None:
         """Score the new global model on every site's val split; keep it if it is the best so far."""
@@ -316,97 +242,41 @@ class Experiment:
         self.selection.observe_global(rnd, self.global_weights,
                                       {s.site: mean_score(s.global_val_dice) for s in sites if s.ok})
 
-    # privacy ---------------------------------------------------------------------------------
+    # privacy (voxgrid.reports) -------------------------------------------------------------------
     def privacy_estimate(self, rounds: int | None = None):
         """What the remaining rounds would cost at each node, asked of the nodes before anything runs.
 
         Returns a DataFrame: one row per site with mechanism, epsilon per release, the projected total
         and each budget's remaining epsilon (nodes refuse a job that would exceed a budget).
         """
-        import pandas as pd
-
         releases = (self.rounds if rounds is None else rounds) - len(self.history)
-        rows = []
-        for p in self.pointers:
-            est = p.client.privacy_estimate(p.name, self.plan.privacy, releases=max(releases, 1),
-                                            plan=self.plan.model_dump(mode="json"))
-            row = {"site": f"{p.name}@{p.node}", "mechanism": est.mechanism, "dp": est.dp,
-                   "releases": est.releases, "epsilon_per_release": est.epsilon_per_release,
-                   "epsilon_per_release_prv": est.epsilon_per_release_prv, "delta": est.delta,
-                   "parameters": est.parameters}
-            for b in est.budgets:
-                scope = "dataset" if b.scientist is None else "scientist"
-                row.update({f"{scope} budget": b.epsilon, f"{scope} spent": b.spent,
-                            f"{scope} projected": b.projected, f"{scope} remaining": b.remaining,
-                            f"{scope} fits": b.fits})
-            rows.append(row)
-        return pd.DataFrame(rows)
+        return reports.privacy_estimate(self.pointers, self.plan, releases)
 
     def privacy_summary(self):
         """Every receipt the nodes sent with their updates: one row per (round, site)."""
-        import pandas as pd
+        return reports.privacy_summary(self.history)
 
-        rows = [{"round": r.round, "site": s.site, "mechanism": s.privacy.get("mechanism"), "dp": s.privacy.get("dp"),
-                 "epsilon": s.privacy.get("epsilon"), "cumulative_epsilon": s.privacy.get("cumulative_epsilon"),
-                 "delta": s.privacy.get("delta"), "note": s.privacy.get("note")}
-                for r in self.history for s in r.sites if s.privacy]
-        return pd.DataFrame(rows, columns=["round", "site", "mechanism", "dp", "epsilon", "cumulative_epsilon",
-                                           "delta", "note"])
-
-    # reading results ---------------------------------------------------------------------------
+    # reading results (voxgrid.reports) -----------------------------------------------------------
     def history_frame(self):
         """One row per (round, site): loss, samples, compute time, Dice per class on the test split."""
-        import pandas as pd
-
-        rows = []
-        for r in self.history:
-            for s in r.sites:
-                row = {"round": r.round, "site": s.site, "ok": s.ok, "samples": s.samples, "loss": s.loss,
-                       "compute_s": round(s.compute_s, 3)}
-                row.update({f"dice[{k}]": v for k, v in s.test_dice.items()})
-                rows.append(row)
-        return pd.DataFrame(rows)
+        return reports.history_frame(self.history)
 
     def dice_table(self, round: int = -1) -> str:
         """A plain-text table: one row per site, Dice per class of the global model on the test split."""
-        r = self.history[round]
-        classes = self.plan.labels[1:]
-        head = f"{'site':<28}" + "".join(f"{c:>12}" for c in classes) + f"{'mean':>10}"
-        lines = [f"round {r.round}: global model Dice on each site's test split", head, "-" * len(head)]
-        for s in r.sites:
-            vals = [s.test_dice.get(c) for c in classes]
-            cells = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals)
-            known = [v for v in vals if v is not None]
-            mean = f"{sum(known) / len(known):.3f}" if known else "-"
-            lines.append(f"{s.site:<28}{cells}{mean:>10}" + ("" if s.ok else f"  (dropped: {s.error})"[:80]))
-        return "\n".join(lines)
+        return reports.dice_table(self.history[round], self.plan.labels[1:])
 
     def results(self) -> dict:
-        return {"experiment_id": self.experiment_id, "plan": self.plan.model_dump(mode="json"),
-                "plan_hash": self.plan.content_hash, "strategy": self.strategy.config(),
-                "sites": [{"node": p.node, "url": p.url, "dataset": p.name} for p in self.pointers],
-                "secure_aggregation": self.secure_aggregation, "threshold": self.threshold,
-                "secure_neighbours": self.secure_neighbours,
-                "rounds": [r.to_dict() for r in self.history]}
+        return reports.results(self)
 
-    # checkpoints -------------------------------------------------------------------------------
+    # checkpoints (voxgrid.checkpoints) -----------------------------------------------------------
     def save_checkpoint(self, folder: str | Path) -> Path:
         """Write ``round-NNNN.safetensors`` (global weights), ``strategy-NNNN.safetensors`` (the
         strategy's tensor state, if any) and ``experiment.json`` (state, history, strategy JSON state)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        n = len(self.history)
-        weights = folder / f"round-{n:04d}.safetensors"
-        weights.write_bytes(self._global_blob()[0])
-        state = self.results() | {"completed_rounds": n, "weights": weights.name, "min_nodes": self.min_nodes,
-                                  "job_timeout": self.job_timeout, "evaluate": self.evaluate, "seed": self.seed,
-                                  "target_rounds": self.rounds, "select": self.select,
-                                  "selection": self._save_selection(folder, n),
-                                  "strategy_state": self._save_strategy_state(folder, n)}
-        tmp = folder / "experiment.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(folder / "experiment.json")
-        return folder / "experiment.json"
+        settings = {"min_nodes": self.min_nodes, "job_timeout": self.job_timeout, "evaluate": self.evaluate,
+                    "seed": self.seed, "target_rounds": self.rounds, "select": self.select}
+        return checkpoints.save(folder, completed=len(self.history), weights=self._global_blob()[0],
+                                results=self.results(), settings=settings, strategy=self.strategy,
+                                selection=self.selection)
 
     @classmethod
     def resume(cls, folder: str | Path, pointers: list[DatasetPointer], strategy: Strategy | None = None) -> Experiment:
@@ -415,63 +285,13 @@ class Experiment:
         ``strategy`` defaults to the checkpoint's, rebuilt from its config; one passed must have
         the same config. Either way the strategy's saved state (moments, loss histories) is restored.
         """
-        folder = Path(folder)
-        state = json.loads((folder / "experiment.json").read_text())
-        saved = state.get("strategy", {"name": "fedavg"})
-        if strategy is None:
-            strategy = from_config(saved)
-        elif strategy.config() != saved:
-            raise ValueError(f"the checkpoint was made with strategy {saved}, not {strategy.config()}; "
-                             "pass an equal strategy, or none to rebuild the saved one")
-        strategy.load_state_dict(_load_strategy_state(folder, state.get("strategy_state")))
-        plan = Plan.model_validate(state["plan"])
-        weights = tensors.loads((folder / state["weights"]).read_bytes())
-        exp = cls(plan, pointers, strategy=strategy, rounds=state["target_rounds"], min_nodes=state["min_nodes"],
-                  job_timeout=state["job_timeout"], evaluate=state["evaluate"], checkpoint_dir=folder,
-                  seed=state["seed"], initial=weights, select=state.get("select", False),
-                  secure_aggregation=state.get("secure_aggregation", False), threshold=state.get("threshold"),
-                  secure_neighbours=state.get("secure_neighbours"))
-        exp.experiment_id = state["experiment_id"]
+        saved = checkpoints.load(folder)
+        strategy = saved.strategy(strategy)
+        exp = cls(saved.plan, pointers, strategy=strategy, checkpoint_dir=saved.folder, initial=saved.weights(),
+                  **saved.settings())
+        exp.experiment_id = saved.experiment_id
         if exp.selection:
             exp.selection = ModelSelection(exp.plan, exp.experiment_id)
-            exp.selection.load(_load_strategy_state(folder, state.get("selection")))
-        exp.history = [_round_from_dict(r) for r in state["rounds"]]
+            exp.selection.load(saved.selection_state())
+        exp.history = saved.history()
         return exp
-
-    def _save_selection(self, folder: Path, n: int) -> dict | None:
-        if not self.selection:
-            return None
-        st = self.selection.state()
-        path = folder / f"selection-{n:04d}.safetensors"
-        if st.tensors:
-            path.write_bytes(tensors.dumps(st.tensors))
-        return {"meta": st.meta, "tensors": path.name if st.tensors else None}
-
-    def _save_strategy_state(self, folder: Path, n: int) -> dict:
-        """Tensors to ``strategy-NNNN.safetensors``, metadata inline as JSON; never pickled."""
-        st = self.strategy.state_dict()
-        out = {"meta": st.meta, "tensors": None}
-        if st.tensors:
-            path = folder / f"strategy-{n:04d}.safetensors"
-            path.write_bytes(tensors.dumps(st.tensors))
-            out["tensors"] = path.name
-        return out
-
-
-def _load_strategy_state(folder: Path, saved: dict | None) -> StrategyState:
-    if not saved:
-        return StrategyState()
-    blob = tensors.loads((folder / saved["tensors"]).read_bytes()) if saved.get("tensors") else {}
-    return StrategyState(tensors=blob, meta=saved.get("meta") or {})
-
-
-def _round_from_dict(d: dict) -> RoundResult:
-    d = dict(d)
-    d.pop("overhead_s", None)
-    d["sites"] = [SiteResult(**s) for s in d["sites"]]
-    return RoundResult(**d)
-
-
-def _mean_dice(dicts: list[dict]) -> float:
-    vals = [v for d in dicts for v in d.values() if v is not None]
-    return sum(vals) / len(vals) if vals else math.nan

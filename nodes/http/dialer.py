@@ -72,6 +72,32 @@ class Route:
                 raise ValueError(f"{proxy_credentials}: proxy credentials must be one line 'user:password'")
         return cls(grid_url, Path(ca), token, proxy, auth)
 
+    @classmethod
+    def of_node(cls, home, cfg) -> Route:
+        """The route of a node home (``voxgrid.nodes.service.home``): its grid, CA, grid token and proxy."""
+        token_file = home.path / (cfg.grid_token_file or "grid.token")
+        if not cfg.grid_url or not token_file.is_file():
+            raise FileNotFoundError(f"no grid URL or no grid token file ({token_file}) in the node home: set them "
+                                    "with 'voxgrid node register --grid URL --grid-token-file FILE'")
+        credentials = home.path / cfg.proxy_credentials_file if cfg.proxy_credentials_file else None
+        return cls.for_grid(cfg.grid_url, home.tls / "ca.crt", token_file.read_text().strip(), cfg.proxy,
+                            credentials)
+
+    def httpx_proxy(self):
+        """The proxy for an httpx client (the node's registration calls), None when there is none."""
+        import httpx
+
+        if not self.proxy:
+            return None
+        return httpx.Proxy(self.proxy, auth=tuple(self.proxy_auth.split(":", 1)) if self.proxy_auth else None)
+
+    @property
+    def credential(self) -> str:
+        """What the grid checks (it never sees the token itself)."""
+        from voxgrid.client import grid_credential
+
+        return grid_credential(self.token)
+
     @property
     def grid(self) -> tuple[str, int]:
         parts = urlsplit(self.grid_url)
@@ -136,7 +162,7 @@ async def upgrade(route: Route, method: str, path: str):
     """Dial the grid and turn the connection into a relay link (101), or raise naming the grid's reason."""
     reader, writer = await open_grid(route)
     host, port = route.grid
-    writer.write((f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {route.token}\r\n"
+    writer.write((f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {route.credential}\r\n"
                   f"Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\nContent-Length: 0\r\n\r\n").encode())
     status, reason = await _read_head(reader, "grid")
     if status != 101:
@@ -289,7 +315,7 @@ async def _whoami(route: Route) -> None:
     reader, writer = await open_grid(route)
     host, port = route.grid
     try:
-        writer.write((f"GET /v1/whoami HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {route.token}\r\n"
+        writer.write((f"GET /v1/whoami HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {route.credential}\r\n"
                       "Connection: close\r\n\r\n").encode())
         status, reason = await _read_head(reader, "grid")
         body = (await _read_some(reader)).decode(errors="replace")

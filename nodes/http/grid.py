@@ -16,6 +16,7 @@ from voxgrid.wire import API_PREFIX, Health, LinkStatus, NodeInfo, NodeRegistrat
 from voxgrid.nodes.service.db import Database, now
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.http.problems import ERRORS, caller_dependency, install_problem_handlers
+from voxgrid.client import grid_credential
 from voxgrid.nodes.http.relay import Relay
 from voxgrid.nodes.service.node import Caller, Forbidden, Invalid, Unauthorized, authenticate, require
 
@@ -32,7 +33,7 @@ class GridService:
     def __init__(self, home: Home):
         self.home = home
         self.config = home.load()
-        self.db = Database(Path(home.db_file), SCHEMA)
+        self.db = Database(Path(home.db_file), SCHEMA, issue_as=grid_credential)
         self.relay = Relay(self._relay_caller, self.node_at)
 
     def close(self) -> None:

@@ -104,28 +104,10 @@ def _private_socket() -> socket.socket:
     return sock
 
 
-def grid_route(service):
-    """How this node reaches its grid (token, CA, proxy) for the dialer and the doctor."""
-    from voxgrid.nodes.http.dialer import Route
-
-    cfg, home = service.config, service.home
-    credentials = cfg.proxy_credentials_file and home.path / cfg.proxy_credentials_file
-    return Route.for_grid(cfg.grid_url, home.tls / "ca.crt", _grid_token(service), cfg.proxy, credentials or None)
-
-
 def _dialer(service, socket_path: Path):
-    from voxgrid.nodes.http.dialer import Dialer
+    from voxgrid.nodes.http.dialer import Dialer, Route
 
-    return Dialer(grid_route(service), socket_path)
-
-
-def _grid_token(service) -> str:
-    cfg, home = service.config, service.home
-    token_file = cfg.grid_token_file and (home.path / cfg.grid_token_file)
-    if not token_file or not token_file.is_file():
-        raise FileNotFoundError(f"no grid token file in the node home for grid {cfg.grid_url}: "
-                                "set one with 'voxgrid node register --grid URL --grid-token-file FILE'")
-    return token_file.read_text().strip()
+    return Dialer(Route.of_node(service.home, service.config), socket_path)
 
 
 #: Seconds between re-registrations: datasets added while the node runs reach the grid this quickly.
@@ -141,18 +123,18 @@ def _keep_registered(service) -> None:
 
 def register_with_grid(service, attempts: int = 30) -> bool:
     """Tell the grid our published metadata; retries while the grid is not up yet."""
+    from voxgrid.nodes.http.dialer import Route
+
     cfg, home = service.config, service.home
     try:
-        token = _grid_token(service)
+        route = Route.of_node(home, cfg)
     except FileNotFoundError as exc:
-        log.error("cannot register: %s", exc)
+        log.error("cannot register with grid %s: %s", cfg.grid_url, exc)
         return False
-    route = grid_route(service) if cfg.connect == "outbound" else None
-    proxy = _httpx_proxy(route) if route and route.proxy else None
     delay = 0.2
     for _ in range(attempts):
         try:
-            with GridClient(cfg.grid_url, token, home.tls / "ca.crt", via=proxy) as grid:
+            with GridClient(cfg.grid_url, route.token, route.ca, via=route.httpx_proxy()) as grid:
                 grid.register(service.info())
             log.info("registered with grid %s", cfg.grid_url)
             return True
@@ -161,13 +143,6 @@ def register_with_grid(service, attempts: int = 30) -> bool:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     return False
-
-
-def _httpx_proxy(route):
-    import httpx
-
-    auth = tuple(route.proxy_auth.split(":", 1)) if route.proxy_auth else None
-    return httpx.Proxy(route.proxy, auth=auth)
 
 
 def serve_grid(home: Home, host: str | None = None, port: int | None = None) -> None:

@@ -25,7 +25,7 @@ def init_home(kind: str, path: Path, name: str, *, ca_cert: Path, cert: Path, ke
     from voxgrid.nodes.http.grid import SCHEMA as GRID_SCHEMA
     from voxgrid.nodes.service.store import SCHEMA as NODE_SCHEMA
 
-    db = Database(home.db_file, NODE_SCHEMA if kind == "node" else GRID_SCHEMA)
+    db = Database(home.db_file, NODE_SCHEMA if kind == "node" else GRID_SCHEMA, issue_as=_issue_as(kind))
     try:
         token = db.add_token("owner", "owner")
     finally:
@@ -226,6 +226,13 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
             "splits": {s: sum(r.split == s for r in records) for s in SPLITS}}
 
 
+def _issue_as(kind: str):
+    """The grid stores what holders will send it: :func:`voxgrid.client.grid_credential` of their token."""
+    from voxgrid.client import grid_credential
+
+    return grid_credential if kind == "grid" else None
+
+
 def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | None = None) -> str:
     """Issue a token for ``name`` with ``role``. With ``token_file``: if it exists, authorise the token it
     holds (a scientist's existing token); otherwise write the new token there (mode 0600)."""
@@ -239,7 +246,7 @@ def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | 
     existing = token_file.read_text().strip() if token_file and token_file.is_file() else None
     from voxgrid.nodes.service.db import Database
 
-    db = Database(home.db_file, "")
+    db = Database(home.db_file, "", issue_as=_issue_as(kind))
     try:
         token = db.add_token(name, role, existing)
     finally:

@@ -59,6 +59,8 @@ def _names_host(cert, host: str) -> bool:
 
 def configured_host(cfg: ServerConfig) -> str | None:
     """The host name clients use: the public URL's host, else the listen address (None for 0.0.0.0)."""
+    if cfg.connect == "outbound":
+        return urlsplit(cfg.public_url or f"https://{cfg.name}").hostname
     if cfg.public_url:
         return urlsplit(cfg.public_url).hostname
     return None if cfg.host in _ANY_ADDRESS else cfg.host
@@ -161,9 +163,16 @@ def check_grid(home: Home, cfg: ServerConfig | None, timeout: float = 3.0) -> Ch
     if not token_file.is_file():
         return Check("grid", FAIL, f"grid {cfg.grid_url} configured but no grid token at {token_file}")
     from voxgrid.client import AuthError, GridClient, VoxgridError
+    from voxgrid.nodes.http.dialer import Route
 
     try:
-        with GridClient(cfg.grid_url, token_file.read_text().strip(), home.tls / "ca.crt", timeout=timeout) as g:
+        proxy = Route.of_node(home, cfg).httpx_proxy()
+    except (OSError, ValueError) as exc:
+        return Check("grid", FAIL, f"proxy settings unusable: {exc}")
+
+    try:
+        with GridClient(cfg.grid_url, token_file.read_text().strip(), home.tls / "ca.crt", timeout=timeout,
+                        via=proxy) as g:
             who = g.whoami()
     except AuthError as exc:
         return Check("grid", FAIL, f"grid {cfg.grid_url} refused this node's token: {exc}")
@@ -173,6 +182,28 @@ def check_grid(home: Home, cfg: ServerConfig | None, timeout: float = 3.0) -> Ch
         return Check("grid", FAIL, f"grid token is {who.role} {who.name!r}, not node {cfg.name!r}: "
                                    f"the grid will refuse registration")
     return Check("grid", OK, f"{cfg.grid_url} reachable over TLS, token accepted as node {who.name!r}")
+
+
+def check_outbound(home: Home, cfg: ServerConfig | None) -> Check:
+    """Outbound mode: every hop to the grid (proxy, proxy CONNECT, TLS, token), naming the one that fails."""
+    if cfg is None or cfg.kind != "node" or cfg.connect != "outbound":
+        return Check("outbound", OK, "direct mode: scientists connect to this node's own port")
+    import asyncio
+
+    from voxgrid.nodes.http.dialer import Route, check_path
+
+    try:
+        route = Route.of_node(home, cfg)
+    except (OSError, ValueError) as exc:
+        return Check("outbound", FAIL, str(exc))
+    hops = asyncio.run(check_path(route))
+    path = " -> ".join(f"{hop} {'ok' if ok else 'FAILED'}" for hop, ok, _ in hops)
+    hop, ok, detail = hops[-1]
+    if not ok:
+        return Check("outbound", FAIL, f"{path}: the '{hop}' hop failed: {detail}")
+    via = f"via proxy {route.proxy}" if route.proxy else "without a proxy"
+    return Check("outbound", OK, f"{path}: the grid {cfg.grid_url} relays to this node ({via}); it listens on "
+                                 "no network port")
 
 
 def check_gpu(cfg: ServerConfig | None) -> Check:
@@ -234,7 +265,7 @@ def diagnose(path: Path | str, kind: str = "node", *, timeout: float = 3.0, gpu:
         return [Check("config", FAIL, f"no {kind} home folder at {home.path}")]
     config, cfg = check_config(home)
     checks = [config, check_certificate(home, cfg, now), check_key(home), check_store(home),
-              check_grid(home, cfg, timeout)]
+              check_grid(home, cfg, timeout), check_outbound(home, cfg)]
     if gpu:
         checks.append(check_gpu(cfg))
     checks.append(check_disk(home))

@@ -4,7 +4,8 @@
 
     {"federation": "pancreas-study",
      "grid":  {"name": "grid", "host": "grid.example.org", "port": 8443},
-     "sites": [{"name": "node-a", "host": "node-a.hospital-a.org", "port": 8443}, ...],
+     "sites": [{"name": "node-a", "host": "node-a.hospital-a.org", "port": 8443},
+               {"name": "node-b", "host": "node-b.hospital-b.org", "port": 443, "connect": "outbound"}, ...],
      "days": 825}                                      # optional: certificate validity
 
 ``voxgrid provision --project project.json --out DIR`` writes::
@@ -18,6 +19,10 @@ nothing of any other site. The grid's kit holds only the SHA-256 hashes of the n
 stores tokens hashed anyway), which ``start.sh`` authorises with ``voxgrid grid import-tokens``.
 ``start.sh`` creates the home on its first run (``$VOXGRID_HOME``, default ``KIT/home``) and then
 serves in the foreground; ``$VOXGRID`` picks the command, ``$VOXGRID_LISTEN`` the listen address.
+A site with ``"connect": "outbound"`` listens on nothing and dials the grid (its ``host`` is then only
+the name its certificate carries); its ``start.sh`` takes the site's forward proxy from
+``$VOXGRID_PROXY`` and the proxy's credentials file from ``$VOXGRID_PROXY_CREDENTIALS`` (else
+``HTTPS_PROXY``/``NO_PROXY`` apply).
 Running provision again with the same DIR reuses the CA, leaves existing kits alone and adds kits for
 new sites (the grid's node-tokens.json then lists them too: copy it to the grid and restart it).
 """
@@ -29,8 +34,11 @@ import os
 import shlex
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from voxgrid.client import grid_credential
 from voxgrid.pki import _san_entries, create_ca, issue_certificate, load_ca
 from voxgrid.wire import NAME_RE
 
@@ -47,6 +55,7 @@ class Server(BaseModel):
     name: str = Field(pattern=NAME_RE.pattern)
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    connect: Literal["direct", "outbound"] = "direct"  # sites only: outbound listens on nothing, dials the grid
 
     @field_validator("host")
     @classmethod
@@ -111,6 +120,9 @@ def _start_script(kind: str, server: Server, federation: str, grid: Server) -> s
             f"--port {server.port} --public-url {q(server.url)}"]
     if kind == "node":
         init.append(f'--grid {q(grid.url)} --grid-token-file "$KIT/grid.token"')
+    if kind == "node" and server.connect == "outbound":
+        init.append('--connect outbound ${VOXGRID_PROXY:+--proxy "$VOXGRID_PROXY"} '
+                    '${VOXGRID_PROXY_CREDENTIALS:+--proxy-credentials "$VOXGRID_PROXY_CREDENTIALS"}')
     lines = [
         "#!/bin/sh",
         f"# voxgrid startup kit: {kind} {server.name} of federation {federation}.",
@@ -140,7 +152,7 @@ def _kit(out: Path, ca, kind: str, server: Server, project: Project) -> Path:
     os.replace(cert.key, kit / "server.key")
     (kit / "ca.crt").write_bytes(Path(ca.cert).read_bytes())
     meta = {"federation": project.federation, "kind": kind, "name": server.name, "host": server.host,
-            "port": server.port, "url": server.url, "grid_url": project.grid.url}
+            "port": server.port, "url": server.url, "grid_url": project.grid.url, "connect": server.connect}
     (kit / "kit.json").write_text(json.dumps(meta, indent=1) + "\n")
     script = kit / "start.sh"
     script.write_text(_start_script(kind, server, project.federation, project.grid))
@@ -177,7 +189,8 @@ def provision(project_file: Path | str, out: Path | str) -> dict:
         token = new_token()
         _secret(kit / "grid.token", token)
         hashes = [h for h in hashes if h["name"] != site.name]
-        hashes.append({"name": site.name, "role": "node", "token_hash": hash_token(token)})
+        # the grid checks the credential its holder sends it, never the token itself
+        hashes.append({"name": site.name, "role": "node", "token_hash": hash_token(grid_credential(token))})
         created.append(site.name)
     hashes_file.write_text(json.dumps(hashes, indent=1) + "\n")
     return {"ca": str(ca.cert), "grid_url": project.grid.url, "created": created, "kept": kept,

@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import sqlite3
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,8 +50,10 @@ def new_token() -> str:
 class Database:
     """A SQLite file with the token and audit tables every voxgrid server has."""
 
-    def __init__(self, path: Path, schema: str):
+    def __init__(self, path: Path, schema: str, issue_as: Callable[[str], str] | None = None):
         self.path = Path(path)
+        # issue_as: what a holder will present instead of the token (the grid: voxgrid.client.grid_credential)
+        self.issue_as = issue_as
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
@@ -88,7 +91,7 @@ class Database:
         with self.transaction() as c:
             c.execute(
                 "INSERT OR REPLACE INTO tokens(token_hash, name, role, created_at, revoked) VALUES (?,?,?,?,0)",
-                (hash_token(token), name, role, now()),
+                (hash_token(self.issue_as(token) if self.issue_as else token), name, role, now()),
             )
         self.audit("owner", "token.issue", f"{role} token for {name}")
         return token
