@@ -68,16 +68,18 @@ def _expired_cert(ca, host="localhost"):
 
 def test_healthy_home_passes(home):
     checks = doctor.diagnose(home)
-    assert [c.name for c in checks] == ["config", "certificate", "key", "store", "grid", "gpu", "disk", "storage"]
+    assert [c.name for c in checks] == ["config", "certificate", "key", "store", "grid", "outbound", "gpu", "disk",
+                                        "storage"]
     assert not doctor.failed(checks), [c.line() for c in checks]
     c = by_name(checks)
-    assert all(c[n].status == "ok" for n in ("config", "certificate", "key", "store", "grid")), checks
+    assert all(c[n].status == "ok" for n in ("config", "certificate", "key", "store", "grid", "outbound")), checks
+    assert "direct mode" in c["outbound"].reason
     assert "names localhost" in c["certificate"].reason
     assert "CPU" in c["gpu"].reason or "CUDA device" in c["gpu"].reason
     # through the command: one line per check, and --json; exit status 0
     r = vx("node", "doctor", "--home", home)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [line.split()[1] for line in r.stdout.splitlines()[:8]] == [x.name for x in checks]
+    assert [line.split()[1] for line in r.stdout.splitlines()[:9]] == [x.name for x in checks]
     assert r.stdout.splitlines()[-1].endswith("0 fail")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import voxgrid
 from voxgrid import tensors
-from voxgrid.client import NodeClient
+from voxgrid.client import NodeClient, grid_credential
 from voxgrid.datasets import default_sites
 from voxgrid.nodes.local.federation import LocalFederation
 from voxgrid.pki import client_ssl_context
@@ -198,8 +198,8 @@ def test_grid_has_the_same_guards(fed):
         assert http.get("/openapi.json").status_code in (401, 404)
         r = http.post("/v1/nodes", content=_chunks(32 * MiB), headers={"Content-Type": "application/json"})
         assert r.status_code == 401
-    with httpx.Client(base_url=fed.grid.url, verify=verify, timeout=60,
-                      headers={"Authorization": f"Bearer {fed.scientist_token}"}) as http:
+    with httpx.Client(base_url=fed.grid.url, verify=verify, timeout=60,  # the grid checks the token's credential
+                      headers={"Authorization": f"Bearer {grid_credential(fed.scientist_token)}"}) as http:
         r = http.post("/v1/nodes", content=_chunks(32 * MiB), headers={"Content-Type": "application/json"})
         assert r.status_code == 413
         schema = http.get("/v1/openapi.json").json()

@@ -27,6 +27,7 @@ from voxgrid.nodes.ops import admin
 from voxgrid.nodes.local.federation import LocalFederation
 
 import voxgrid
+from voxgrid.client import grid_credential
 from voxgrid import tensors
 from voxgrid.cli import main as cli_main
 from voxgrid.pki import client_ssl_context
@@ -113,8 +114,8 @@ def test_no_phi_in_any_reply_grid_entry_audit_line_or_report(fed, tmp_path):
                        headers={"Authorization": f"Bearer {fed.scientist_token}"})
     owner = httpx.Client(base_url=node.url + "/v1", verify=ctx, timeout=60,
                          headers={"Authorization": f"Bearer {fed.owner_token(0)}"})
-    grid = httpx.Client(base_url=fed.grid.url + "/v1", verify=ctx, timeout=60,
-                        headers={"Authorization": f"Bearer {fed.scientist_token}"})
+    grid = httpx.Client(base_url=fed.grid.url + "/v1", verify=ctx, timeout=60,  # the grid takes the credential
+                        headers={"Authorization": f"Bearer {grid_credential(fed.scientist_token)}"})
     seen: list = []
 
     def get(client, path, **kw):
@@ -133,7 +134,9 @@ def test_no_phi_in_any_reply_grid_entry_audit_line_or_report(fed, tmp_path):
     api = voxgrid.connect(fed.grid.url, token=fed.scientist_token, ca=fed.ca_cert)
     ptr = api.search("#phi")[0]
     seen += [ptr.info.model_dump_json(), repr(ptr)]
-    seen += [get(grid, "/search", params={"tag": "phi"}).text, get(grid, "/nodes").text]
+    listing = [get(grid, "/search", params={"tag": "phi"}), get(grid, "/nodes")]
+    assert all(r.status_code == 200 for r in listing), [r.text for r in listing]
+    seen += [r.text for r in listing]
 
     # Errors of bad requests.
     for path in ("/datasets/nope", "/datasets/phi-ct/data", "/jobs/nope", "/jobs/nope/update"):

@@ -17,7 +17,7 @@ from voxgrid.privacy import BudgetStatus
 from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
                           EstimateRequest, Health, JobRequest, LinkStatus, JobStatus, LedgerView, NodeInfo, NodeRegistration,
                           Problem, RevealedShare, RevealRequest, SearchResponse, SecAggKeysRequest, SecAggMaskedRequest,
-                          SecAggSharesRequest, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+                          SecAggSharesRequest, TokenInfo, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 
 class VoxgridError(Exception):
@@ -229,6 +229,14 @@ class NodeClient(_Client):
     # owner
     def issue_token(self, name: str, role: str = "scientist") -> TokenIssued:
         return self._post("/owner/tokens", TokenIssue(name=name, role=role), TokenIssued)
+
+    def tokens(self) -> list[TokenInfo]:
+        """The node's tokens: id, name, role, created, expires, revoked, expired (never a token or its hash)."""
+        return self._call("GET", "/owner/tokens", list[TokenInfo])
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        """Revoke the token ``token_id`` (an id :meth:`tokens` lists); the node refuses it from its next request."""
+        return self._call("DELETE", f"/owner/tokens/{token_id}", TokenInfo)
 
     def audit(self, limit: int = 200) -> list[AuditEntry]:
         return self._call("GET", "/owner/audit", list[AuditEntry], params={"limit": limit})

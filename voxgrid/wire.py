@@ -200,6 +200,19 @@ class TokenIssued(Message):
     token: str
 
 
+class TokenInfo(Message):
+    """A token as its owner lists it (``GET /v1/owner/tokens``): never the token or its hash. ``id``, the
+    hash's first hex digits, names it for ``DELETE /v1/owner/tokens/{id}``. Times are UTC ISO 8601."""
+
+    id: str
+    name: str
+    role: str
+    created: str
+    expires: str | None = Field(None, description="when it stops working; null: never")
+    revoked: bool
+    expired: bool
+
+
 class AuditEntry(Message):
     at: str
     actor: str

@@ -12,7 +12,7 @@ from voxgrid.privacy import BudgetStatus
 from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo,
                           EncryptedShare, Estimate, EstimateRequest, Health, JobRequest, JobStatus, LedgerView,
                           NodeInfo, Problem, RevealedShare, RevealRequest, SecAggKeysRequest, SecAggMaskedRequest,
-                          SecAggSharesRequest, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
+                          SecAggSharesRequest, TokenInfo, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 from voxgrid.nodes.http.problems import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
 from voxgrid.nodes.service.node import NodeService
@@ -142,6 +142,14 @@ def _owner_routes(app: FastAPI, service: NodeService, Who) -> None:
     @app.post(f"{p}/owner/tokens", response_model=TokenIssued)
     def issue_token(req: TokenIssue, c: Who):
         return service.issue_token(c, req)
+
+    @app.get(f"{p}/owner/tokens", response_model=list[TokenInfo])
+    def tokens(c: Who):
+        return service.tokens(c)
+
+    @app.delete(f"{p}/owner/tokens/{{token_id}}", response_model=TokenInfo)
+    def revoke_token(token_id: str, c: Who):
+        return service.revoke_token(c, token_id)
 
     @app.get(f"{p}/owner/audit", response_model=list[AuditEntry])
     def audit(c: Who, limit: Annotated[int, Query(ge=1, le=10000)] = 200):

@@ -233,9 +233,14 @@ def _issue_as(kind: str):
     return grid_credential if kind == "grid" else None
 
 
-def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | None = None) -> str:
+def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | None = None, *,
+                expires: str | None = None, days: float | None = None) -> str:
     """Issue a token for ``name`` with ``role``. With ``token_file``: if it exists, authorise the token it
-    holds (a scientist's existing token); otherwise write the new token there (mode 0600)."""
+    holds (a scientist's existing token); otherwise write the new token there (mode 0600). ``expires``
+    (``YYYY-MM-DD``: 00:00 UTC that day, or an ISO time) or ``days`` from now: when it stops working
+    (default: never); a malformed or past date is refused before anything changes."""
+    from voxgrid.nodes.service.db import Database, parse_expiry
+
     home = Home(path, kind)
     home.load()
     roles = ("owner", "scientist") if kind == "node" else ("owner", "scientist", "node")
@@ -243,17 +248,56 @@ def issue_token(path: Path, kind: str, name: str, role: str, token_file: Path | 
         raise ValueError(f"role {role!r} is not one of {roles} for a {kind}")
     if not NAME_RE.match(name):
         raise ValueError(f"invalid name {name!r}: use letters, digits, '.', '_' or '-'")
+    expires_at = parse_expiry(expires, days)
     existing = token_file.read_text().strip() if token_file and token_file.is_file() else None
-    from voxgrid.nodes.service.db import Database
-
     db = Database(home.db_file, "", issue_as=_issue_as(kind))
     try:
-        token = db.add_token(name, role, existing)
+        token = db.add_token(name, role, existing, expires_at=expires_at)
     finally:
         db.close()
     if token_file and not existing:
         home.write_secret(token_file, token)
     return token
+
+
+def short_token_id(kind: str, token: str) -> str:
+    """The short id ``list_tokens`` shows for ``token`` (the first hex digits of the hash the home stores)."""
+    from voxgrid.nodes.service.db import TOKEN_ID_LEN, hash_token
+
+    issue_as = _issue_as(kind)
+    return hash_token(issue_as(token) if issue_as else token)[:TOKEN_ID_LEN]
+
+
+def _token_db(path: Path, kind: str):
+    from voxgrid.nodes.service.db import Database
+
+    home = Home(path, kind)
+    home.load()
+    return Database(home.db_file, "", issue_as=_issue_as(kind))
+
+
+def list_tokens(path: Path, kind: str) -> list[dict]:
+    """Every token of a node or grid home, oldest first: id, name, role, created, expires, revoked, expired
+    (never a token or its hash). Safe while the server runs."""
+    db = _token_db(path, kind)
+    try:
+        return db.tokens()
+    finally:
+        db.close()
+
+
+def revoke_token(path: Path, kind: str, *, name: str | None = None, token_id: str | None = None) -> list[dict]:
+    """Revoke every valid token of ``name``, or the token ``token_id`` (an id ``list_tokens`` shows); returns
+    them. A running server refuses them from its next request (it reads the tokens from the home's SQLite
+    file every time). Audited before it takes effect. ValueError (nothing changed) for an unknown name or
+    id, tokens already revoked, or revoking the last valid owner token."""
+    if (name is None) == (token_id is None):
+        raise ValueError("give --name NAME or --id ID (one of them)")
+    db = _token_db(path, kind)
+    try:
+        return db.revoke(name=name, token_id=token_id)
+    finally:
+        db.close()
 
 
 def set_budget(path: Path, dataset: str, epsilon: float, delta: float, scientist: str | None = None) -> list[dict]:

@@ -119,23 +119,74 @@ def _add_limits(node) -> None:
 
 def _token(kind: str):
     def run(args):
-        token = admin.issue_token(args.home, kind, args.name, args.role, args.token_file)
+        import sys
+
+        token = admin.issue_token(args.home, kind, args.name, args.role, args.token_file, expires=args.expires,
+                                  days=args.days)
         if args.token_file:
             print(f"{args.role} token for {args.name} authorised (file {args.token_file})")
         else:
             print(token)
+        expiry = next((t["expires"] for t in admin.list_tokens(args.home, kind)
+                       if t["id"].startswith(admin.short_token_id(kind, token))), None)
+        print(f"token id {admin.short_token_id(kind, token)}; expires {expiry or 'never'}", file=sys.stderr)
+    return run
+
+
+def _token_status(t: dict) -> str:
+    return "revoked" if t["revoked"] else "expired" if t["expired"] else "valid"
+
+
+def _token_list(kind: str):
+    def run(args):
+        tokens = admin.list_tokens(args.home, kind)
+        if args.json:
+            print(json.dumps(tokens, indent=1))
+            return
+        def day(stamp: str | None) -> str:
+            return stamp[:16].replace("T", " ") if stamp else "never"
+
+        rows = [("ID", "NAME", "ROLE", "CREATED (UTC)", "EXPIRES (UTC)", "STATUS")]
+        rows += [(t["id"], t["name"], t["role"], day(t["created"]), day(t["expires"]), _token_status(t))
+                 for t in tokens]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return run
+
+
+def _token_revoke(kind: str):
+    def run(args):
+        revoked = admin.revoke_token(args.home, kind, name=args.name, token_id=args.id)
+        print(f"revoked {len(revoked)} token(s): " + ", ".join(f"{t['id']} ({t['role']} {t['name']})" for t in revoked))
     return run
 
 
 def _add_token(sub, kind: str, default_role: str) -> None:
-    tok = sub.add_parser("token", help="issue access tokens").add_subparsers(dest="token_cmd", required=True)
+    tok = sub.add_parser("token", help="issue, list and revoke access tokens").add_subparsers(dest="token_cmd",
+                                                                                             required=True)
     p = tok.add_parser("issue", help="issue a token (printed, or written to --token-file)")
     _home_arg(p, kind)
     p.add_argument("--name", required=True, help="who holds the token (a scientist, or a node at the grid)")
     p.add_argument("--role", default=default_role)
     p.add_argument("--token-file", type=Path,
                    help="write the token here; if the file exists, authorise the token it holds instead")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--expires", metavar="DATE",
+                      help="the token stops working at 00:00 UTC of this date (YYYY-MM-DD) or at this ISO 8601 "
+                           "time; default: never")
+    when.add_argument("--days", type=int, help="the token stops working this many days from now; default: never")
     p.set_defaults(func=_token(kind))
+    p = tok.add_parser("list", help="every token: id, name, role, created, expires, status (never the token)")
+    _home_arg(p, kind)
+    p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    p.set_defaults(func=_token_list(kind))
+    p = tok.add_parser("revoke", help=f"revoke tokens; a running {kind} refuses them from its next request")
+    _home_arg(p, kind)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", help="revoke every valid token of this name")
+    which.add_argument("--id", help="revoke the one token with this id (as 'token list' shows it)")
+    p.set_defaults(func=_token_revoke(kind))
 
 
 def _dataset_add(args) -> None:

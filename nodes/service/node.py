@@ -31,10 +31,11 @@ from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity
 from voxgrid.privacy.secagg import SecAggError
 from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
                           EstimateRequest, Health, JobRequest, JobStatus, NodeInfo, RevealedShare,
-                          RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenIssue,
-                          TokenIssued, WeightsRef, WhoAmI)
+                          RevealRequest, SecAggKeysRequest, SecAggMaskedRequest, SecAggSharesRequest, TokenInfo,
+                          TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
 from voxgrid.nodes.service.blobs import BlobStore, OverQuota, StoragePolicy
+from voxgrid.nodes.service.db import TokenError, UnknownToken
 from voxgrid.nodes.service.executor import Executor
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
@@ -683,6 +684,22 @@ class NodeService:
     def issue_token(self, caller: Caller, req: TokenIssue) -> TokenIssued:
         self.require(caller, "owner")
         return TokenIssued(name=req.name, role=req.role, token=self.store.add_token(req.name, req.role))
+
+    def tokens(self, caller: Caller) -> list[TokenInfo]:
+        """Every token of the node (id, name, role, created, expires, revoked, expired; never a token or hash)."""
+        self.require(caller, "owner")
+        return [TokenInfo(**t) for t in self.store.tokens()]
+
+    def revoke_token(self, caller: Caller, token_id: str) -> TokenInfo:
+        """Revoke one token by its id; refused from the next request on. The last valid owner token is kept."""
+        self.require(caller, "owner")
+        try:
+            (revoked,) = self.store.revoke(token_id=token_id, actor=caller.name)
+        except UnknownToken as exc:
+            raise NotFound(str(exc)) from None
+        except TokenError as exc:
+            raise Invalid(str(exc)) from None
+        return TokenInfo(**revoked)
 
     def audit_log(self, caller: Caller, limit: int = 200) -> list[AuditEntry]:
         self.require(caller, "owner")
