@@ -270,3 +270,17 @@ class Lab:
             NETNS_ETC.rmdir()  # only if empty: other namespaces of this machine keep theirs
         except OSError:
             pass
+
+
+def wait_for_file(path: Path, procs: dict, timeout: float) -> Path:
+    """Wait for ``path`` to appear; fail at once, with the logs, if one of ``procs`` ({name: (popen, log)}) exits."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for name, (p, log) in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}; log:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path.name} not written after {timeout} s; logs:\n" +
+                               "\n".join(f"--- {n}\n{log.read_text()[-1500:]}" for n, (_, log) in procs.items()))
+        time.sleep(0.05)
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import Lab, unavailable  # test support: tests/netns.py
+from netns import Lab, wait_for_file, unavailable  # test support: tests/netns.py
 from voxgrid.datasets import default_sites, write_site
 from voxgrid.nodes.ops import admin
 from voxgrid.pki import create_ca, issue_certificate
@@ -72,19 +72,6 @@ def lab():
         lab.close()
 
 
-def _wait_for(path: Path, procs: dict, timeout: float) -> Path:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        for name, (p, log) in procs.items():
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with {p.returncode}; log:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path.name} not written after {timeout} s; logs:\n" +
-                               "\n".join(f"--- {n}\n{log.read_text()[-1500:]}" for n, (_, log) in procs.items()))
-        time.sleep(0.05)
-    return path
-
-
 def _round_job_running(db: Path, rnd: int) -> bool:
     """The node's own store says it is training this round (read from the machine, not over the network)."""
     con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)
@@ -135,7 +122,7 @@ def test_a_node_cut_off_mid_round_is_dropped_and_rejoins_the_next_round(lab, tmp
         procs[role] = (lab.popen(role, [sys.executable, "-m", "voxgrid", kind, "start", "--home", str(home),
                                         "--verbose"], log, env), log)
         if role == "grid":  # the nodes register as soon as they listen
-            _wait_for(ghome / "run.json", procs, 60)
+            wait_for_file(ghome / "run.json", procs, 60)
     out = tmp_path / "out"
     out.mkdir()
     cfg = tmp_path / "scientist.json"
@@ -149,13 +136,13 @@ def test_a_node_cut_off_mid_round_is_dropped_and_rejoins_the_next_round(lab, tmp
                                     env), log)
 
     # The scientist found every node by its host name, over https.
-    pointers = json.loads(_wait_for(out / "pointers.json", procs, 180).read_text())
+    pointers = json.loads(wait_for_file(out / "pointers.json", procs, 180).read_text())
     assert pointers["urls"] == {r: f"https://{names[r]}:{PORT}" for r in ("node-a", "node-b", "node-c")}
     assert "certificate verify failed" in pointers["by_address"], pointers
     t_ready = time.monotonic() - t_start
 
     (out / "go-0").touch()
-    r0 = json.loads(_wait_for(out / "round-0.json", procs, WARMUP_TIMEOUT + 30).read_text())
+    r0 = json.loads(wait_for_file(out / "round-0.json", procs, WARMUP_TIMEOUT + 30).read_text())
     assert {s["node"]: s["ok"] for s in r0["sites"]} == {"node-a": True, "node-b": True, "node-c": True}, r0
 
     (out / "go-1").touch()
@@ -165,7 +152,7 @@ def test_a_node_cut_off_mid_round_is_dropped_and_rejoins_the_next_round(lab, tmp
         assert time.monotonic() < deadline, "node-c never started its round-1 job"
         time.sleep(0.05)
     lab.cut("node-c")
-    r1 = json.loads(_wait_for(out / "round-1.json", procs, JOB_TIMEOUT + 3 * HTTP_TIMEOUT + 60).read_text())
+    r1 = json.loads(wait_for_file(out / "round-1.json", procs, JOB_TIMEOUT + 3 * HTTP_TIMEOUT + 60).read_text())
     lab.restore("node-c")
     sites = {s["node"]: s for s in r1["sites"]}
     assert {n: s["ok"] for n, s in sites.items()} == {"node-a": True, "node-b": True, "node-c": False}, r1
@@ -173,7 +160,7 @@ def test_a_node_cut_off_mid_round_is_dropped_and_rejoins_the_next_round(lab, tmp
     assert sites["node-a"]["samples"] > 0 and sites["node-b"]["samples"] > 0
 
     (out / "go-2").touch()
-    r2 = json.loads(_wait_for(out / "round-2.json", procs, 120).read_text())
+    r2 = json.loads(wait_for_file(out / "round-2.json", procs, 120).read_text())
     assert {s["node"]: s["ok"] for s in r2["sites"]} == {"node-a": True, "node-b": True, "node-c": True}, r2
     assert all(s["samples"] > 0 for s in r2["sites"])
     print(f"multihost: ready {t_ready:.0f} s, rounds {r0['wall_s']:.1f} / {r1['wall_s']:.1f} / {r2['wall_s']:.1f} s, "

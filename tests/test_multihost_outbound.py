@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import Lab, proxy_env, unavailable  # test support: tests/netns.py
+from netns import Lab, wait_for_file, proxy_env, unavailable  # test support: tests/netns.py
 from voxgrid.client import NodeClient
 from voxgrid.datasets import default_sites, write_site
 from voxgrid.nodes.ops import admin
@@ -118,26 +118,10 @@ def lab():
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (scripts/setup.sh installs them)")
     lab = Lab(prefix=f"vo{os.getpid() % 100000}")  # its own prefix: other lab tests may run in this process
-    lab.private_folders = []  # the nodes' private socket folders, removed once the nodes are stopped
     try:
         yield lab
     finally:
         lab.close()
-        for folder in lab.private_folders:  # a node stopped by SIGTERM should remove its own, but does not now
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _wait_for(path: Path, procs: dict, timeout: float) -> Path:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        for name, (p, log) in procs.items():
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with {p.returncode}; log:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path.name} not written after {timeout} s; logs:\n" +
-                               "\n".join(f"--- {n}\n{log.read_text()[-1500:]}" for n, (_, log) in procs.items()))
-        time.sleep(0.05)
-    return path
 
 
 def _round_jobs(db: Path, rnd: int) -> list[str]:
@@ -313,26 +297,25 @@ def test_outbound_nodes_behind_proxies_survive_a_grid_crash_and_account_for_ever
     (tmp_path / "scientist.py").write_text(SCIENTIST)
     start("scientist", [str(tmp_path / "scientist.py"), str(cfg)])
     homes, public = _make_node_homes(lab, tmp_path, ca, ghome, grid_url, token_file, env)
-    _wait_for(Home(ghome, "grid").run_file, procs, 60)
+    wait_for_file(Home(ghome, "grid").run_file, procs, 60)
     node_env = {"node-a": env, "node-b": proxy_env(open_proxy.url, env)}
     for role in nodes:
         start(role, ["-m", "voxgrid", "node", "start", "--home", str(homes[role]), "--verbose"], node_env[role])
 
     refused = _check_network(lab, nodes)  # while the nodes boot
     for role in nodes:
-        run = json.loads(_wait_for(Home(homes[role]).run_file, procs, 180).read_text())
-        lab.private_folders.append(Path(run["socket"]).parent)
+        run = json.loads(wait_for_file(Home(homes[role]).run_file, procs, 180).read_text())
         assert run["connect"] == "outbound" and run["url"] == public[role], run
         listening = subprocess.run(lab.argv(role, ["ss", "-ltnH"]), capture_output=True, text=True, check=True)
         assert listening.stdout.strip() == "", f"{role} listens on TCP:\n{listening.stdout}"
     # The scientist found both nodes by their public URLs and reached each through the relay.
-    pointers = json.loads(_wait_for(out / "pointers.json", procs, 180).read_text())
+    pointers = json.loads(wait_for_file(out / "pointers.json", procs, 180).read_text())
     assert pointers == {"urls": public, "health": {"node-a": "node-a", "node-b": "node-b"}}, pointers
     t_ready = time.monotonic() - t_start
 
     # Step 0: one secure DP round, both sites.
     (out / "go-0").touch()
-    s0 = json.loads(_wait_for(out / "step-0.json", procs, WARMUP_TIMEOUT + 60).read_text())
+    s0 = json.loads(wait_for_file(out / "step-0.json", procs, WARMUP_TIMEOUT + 60).read_text())
     assert "failed" not in s0, s0
     assert {s["node"]: s["ok"] for s in s0["sites"]} == {"node-a": True, "node-b": True}, s0
     assert all(s["receipt"]["dp"] and s["receipt"]["epsilon"] > 0 for s in s0["sites"]), s0
@@ -340,19 +323,19 @@ def test_outbound_nodes_behind_proxies_survive_a_grid_crash_and_account_for_ever
     # Step 1: the grid dies (SIGKILL) while the round's jobs run (their keys agreed: the scientist now waits for
     # the jobs through the relay), and comes back on its port.
     (out / "go-1").touch()
-    _wait_for(out / "shared-1-node-a", procs, 60)
-    _wait_for(out / "shared-1-node-b", procs, 60)
+    wait_for_file(out / "shared-1-node-a", procs, 60)
+    wait_for_file(out / "shared-1-node-b", procs, 60)
     at_kill = {role: _round_jobs(Home(h).db_file, 1) for role, h in homes.items()}
     os.killpg(procs["grid"][0].pid, signal.SIGKILL)
     procs["grid"][0].wait()
     t_kill = time.monotonic()
     assert not (out / "step-1.json").exists(), "the grid was killed after round 1, not during it"
     start_grid()
-    _wait_for(Home(ghome, "grid").run_file, procs, 60)
+    wait_for_file(Home(ghome, "grid").run_file, procs, 60)
     t_down = time.monotonic() - t_kill
     _wait_relinked(procs, nodes, grid_url, 90)  # the nodes redial by themselves, with backoff
     t_relinked = time.monotonic() - t_kill
-    s1 = json.loads(_wait_for(out / "step-1.json", procs, JOB_TIMEOUT + 90).read_text())
+    s1 = json.loads(wait_for_file(out / "step-1.json", procs, JOB_TIMEOUT + 90).read_text())
     if "failed" in s1:  # a clean failure: the round says which nodes it lost and why
         assert s1["failed"].startswith("round 1: only") and "min_nodes=2" in s1["failed"], s1
     else:
@@ -360,7 +343,7 @@ def test_outbound_nodes_behind_proxies_survive_a_grid_crash_and_account_for_ever
 
     # Step 2: the next round runs with both sites.
     (out / "go-2").touch()
-    s2 = json.loads(_wait_for(out / "step-2.json", procs, JOB_TIMEOUT + 60).read_text())
+    s2 = json.loads(wait_for_file(out / "step-2.json", procs, JOB_TIMEOUT + 60).read_text())
     assert "failed" not in s2, s2
     assert {s["node"]: s["ok"] for s in s2["sites"]} == {"node-a": True, "node-b": True}, s2
     assert all(s["samples"] > 0 and s["receipt"]["dp"] for s in s2["sites"]), s2

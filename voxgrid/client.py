@@ -14,6 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from voxgrid.pki import client_ssl_context
 from voxgrid.privacy import BudgetStatus
+from voxgrid.wire import ApprovalDecision, ApprovalRequestCreate, ApprovalRequestInfo
 from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
                           EstimateRequest, Health, JobRequest, LinkStatus, JobStatus, LedgerView, NodeInfo, NodeRegistration,
                           Problem, RevealedShare, RevealRequest, SearchResponse, SecAggKeysRequest, SecAggMaskedRequest,
@@ -54,12 +55,17 @@ class TooManyRequests(RemoteError):
     retry_after: float = 1.0
 
 
+class ConflictError(RemoteError):
+    """409: the request is not in a state that allows this (approving twice, denying an approved request)."""
+
+
 class Unreachable(VoxgridError, ConnectionError):
     """The server could not be reached (down, wrong address, TLS failure)."""
 
 
 _ERRORS = {401: AuthError, 403: AccessRefused, 404: NotFoundError, 413: RequestRefused, 422: RequestRefused,
            429: TooManyRequests}
+_ERRORS[409] = ConflictError
 
 
 def _verify(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext | bool:
@@ -253,6 +259,48 @@ class NodeClient(_Client):
     def ledger(self) -> LedgerView:
         """The node's privacy ledger: budgets, releases, refusals."""
         return self._call("GET", "/owner/ledger", LedgerView)
+
+    # the owner decides: requests and approvals (nodes/service/approvals.py) -------------------------
+    def request_approval(self, dataset: str, plan, plan_hash: str | None = None, *, releases: int | None = None,
+                         purpose: str = "") -> ApprovalRequestInfo:
+        """Ask the owner of ``dataset`` to approve ``plan`` (a :class:`voxgrid.plan.Plan`, or its JSON) for
+        ``releases`` jobs; a pending request for the same plan is updated instead of repeated."""
+        if hasattr(plan, "content_hash"):
+            plan, plan_hash = plan.model_dump(mode="json"), plan.content_hash
+        elif plan_hash is None:
+            from voxgrid.plan import Plan
+
+            plan_hash = Plan.model_validate(plan).content_hash
+        body = ApprovalRequestCreate(dataset=dataset, plan=plan, plan_hash=plan_hash, releases=releases,
+                                     purpose=purpose)
+        return self._post("/requests", body, ApprovalRequestInfo)
+
+    def requests(self) -> list[ApprovalRequestInfo]:
+        """Our requests at this node, newest first, with their decisions."""
+        return self._call("GET", "/requests", list[ApprovalRequestInfo])
+
+    def request(self, request_id: str) -> ApprovalRequestInfo:
+        """One request (ours; the owner: any, with the changes against the scientist's nearest approved plan)."""
+        return self._call("GET", f"/requests/{request_id}", ApprovalRequestInfo)
+
+    def owner_requests(self, state: str | None = None) -> list[ApprovalRequestInfo]:
+        """Owner: every request at the node (or those in ``state``: pending, approved, denied, revoked)."""
+        return self._call("GET", "/owner/requests", list[ApprovalRequestInfo],
+                          params={"state": state} if state else None)
+
+    def approve(self, request_id: str, releases: int | None = None, days: float | None = None) -> ApprovalRequestInfo:
+        """Owner: approve a pending request for ``releases`` jobs during ``days`` (node default: 30)."""
+        return self._post(f"/owner/requests/{request_id}/approve", ApprovalDecision(releases=releases, days=days),
+                          ApprovalRequestInfo)
+
+    def deny(self, request_id: str, reason: str) -> ApprovalRequestInfo:
+        """Owner: deny a pending request; the scientist sees ``reason``."""
+        return self._post(f"/owner/requests/{request_id}/deny", ApprovalDecision(reason=reason), ApprovalRequestInfo)
+
+    def revoke_approval(self, request_id: str, reason: str | None = None) -> ApprovalRequestInfo:
+        """Owner: revoke an approval; later jobs are refused, jobs already accepted finish."""
+        return self._post(f"/owner/requests/{request_id}/revoke", ApprovalDecision(reason=reason),
+                          ApprovalRequestInfo)
 
 
 class GridClient(_Client):

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from voxgrid import checkpoints, reports, tensors
+from voxgrid.approvals import ApprovalTable, approval_hint, approvals, request_approval
 from voxgrid.client import VoxgridError
 from voxgrid.jobs import JOB_ERRORS, JobRunner, Ticket, across_nodes, describe
 from voxgrid.plan import Plan, initial_weights
@@ -149,8 +150,9 @@ class Experiment:
         answered = sum(err is None for _, err in outcomes)
         if answered < self.min_nodes or extra:
             reasons = "; ".join(f"{p.node}: {err}" for p, (_, err) in zip(self.pointers, outcomes, strict=True) if err)
+            hint = approval_hint(self.pointers, [err for _, err in outcomes])  # sites under review
             raise RoundFailed(f"round {rnd}: only {answered} of {len(self.pointers)} nodes answered, "
-                              f"min_nodes={self.min_nodes} ({reasons}){extra}")
+                              f"min_nodes={self.min_nodes} ({reasons}){extra}{hint}")
 
     def _plain_round(self, rnd: int) -> list[tuple[JobStatus | None, str | None]]:
         """Every node's update is downloaded and the strategy aggregates them."""
@@ -255,6 +257,21 @@ class Experiment:
     def privacy_summary(self):
         """Every receipt the nodes sent with their updates: one row per (round, site)."""
         return reports.privacy_summary(self.history)
+
+    # the owners' decisions (voxgrid.approvals) --------------------------------------------------
+    def request_approval(self, purpose: str, releases: int | None = None) -> ApprovalTable:
+        """Ask the owner of every dataset of the experiment to approve its plan (sites whose policy is
+        ``review`` run only approved plans). ``releases``: jobs to ask for at each site (default: what the
+        remaining rounds need: a train job, plus an evaluate job for ``evaluate`` and one for ``select``, a
+        round). Returns one row per site: node, dataset, state, since, reason."""
+        if releases is None:
+            rounds = max(self.rounds - len(self.history), 1)
+            releases = rounds * (1 + int(self.evaluate) + int(self.select))
+        return request_approval(self.pointers, self.plan, purpose, releases)
+
+    def approvals(self) -> ApprovalTable:
+        """Where this plan's requests stand at every site (re-read from the nodes)."""
+        return approvals(self.pointers, self.plan.content_hash)
 
     # reading results (voxgrid.reports) -----------------------------------------------------------
     def history_frame(self):

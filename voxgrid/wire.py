@@ -248,3 +248,64 @@ class LinkStatus(Message):
 
 class SearchResponse(Message):
     results: list[SearchResult]
+
+
+# the owner's decisions (nodes/service/approvals.py) --------------------------------------------
+DatasetPolicy = Literal["open", "review"]
+RequestState = Literal["pending", "approved", "denied", "revoked"]
+#: Most releases one approval may grant, and most days it may last.
+MAX_RELEASES, MAX_APPROVAL_DAYS = 100_000, 3650
+
+
+class PolicyInfo(Message):
+    dataset: str
+    policy: DatasetPolicy
+
+
+class ApprovalRequestCreate(Message):
+    """A scientist asks a dataset's owner to approve a plan (its JSON and content hash)."""
+
+    dataset: str
+    plan: dict = Field(description="a voxgrid Plan as JSON; validated by the node")
+    plan_hash: str
+    releases: int | None = Field(None, ge=1, le=MAX_RELEASES, description="jobs the scientist means to run")
+    purpose: str = Field("", max_length=4000)
+
+
+class PlanChange(Message):
+    """One field (dotted path) whose value differs from the plan compared with."""
+
+    field: str
+    before: object = None
+    after: object = None
+
+
+class ApprovalRequestInfo(Message):
+    """A request and, once decided, its decision. An approval covers jobs while ``valid``."""
+
+    request_id: str
+    scientist: str
+    dataset: str
+    plan_hash: str
+    purpose: str = ""
+    releases_asked: int | None = None
+    created: str
+    state: RequestState
+    decided: str | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    releases: int | None = Field(None, description="approved: jobs it covers")
+    used: int = 0
+    expires: str | None = None
+    valid: bool = Field(False, description="approved, releases left and not expired")
+    plan: dict | None = Field(None, description="the plan (the owner's detailed view)")
+    compared_with: str | None = Field(None, description="the request whose approved plan the changes are against")
+    changes: list[PlanChange] | None = None
+
+
+class ApprovalDecision(Message):
+    """The owner's decision on a request: approve (releases, days), deny (reason) or revoke (reason)."""
+
+    releases: int | None = Field(None, ge=1, le=MAX_RELEASES)
+    days: float | None = Field(None, gt=0, le=MAX_APPROVAL_DAYS)
+    reason: str | None = Field(None, max_length=4000)

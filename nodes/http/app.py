@@ -14,6 +14,8 @@ from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry
                           NodeInfo, Problem, RevealedShare, RevealRequest, SecAggKeysRequest, SecAggMaskedRequest,
                           SecAggSharesRequest, TokenInfo, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
+from voxgrid.wire import ApprovalDecision, ApprovalRequestCreate, ApprovalRequestInfo, PolicyInfo
+
 from voxgrid.nodes.http.problems import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
 from voxgrid.nodes.service.node import NodeService
 
@@ -50,7 +52,7 @@ def create_app(service: NodeService) -> FastAPI:
                              unbounded=job_long_poll)
     Who = caller_dependency(service.authenticate)
     # Every route only adapts HTTP to one NodeService method; roles are checked there, for every transport.
-    for routes in (_metadata_routes, _job_routes, _secagg_routes, _owner_routes):
+    for routes in (_metadata_routes, _job_routes, _secagg_routes, _owner_routes, _approval_routes):
         routes(app, service, Who)
     return app
 
@@ -166,3 +168,41 @@ def _owner_routes(app: FastAPI, service: NodeService, Who) -> None:
     @app.get(f"{p}/owner/ledger", response_model=LedgerView)
     def ledger(c: Who):
         return service.ledger_view(c)
+
+
+def _approval_routes(app: FastAPI, service: NodeService, Who) -> None:
+    """The owner decides (nodes/service/approvals.py): a scientist's requests, the owner's decisions."""
+    p, approvals = API_PREFIX, service.approvals
+    conflict = {409: {"model": Problem}}
+
+    @app.post(f"{p}/requests", response_model=ApprovalRequestInfo)
+    def create_request(req: ApprovalRequestCreate, c: Who):
+        return approvals.create(c, req)
+
+    @app.get(f"{p}/requests", response_model=list[ApprovalRequestInfo])
+    def my_requests(c: Who):
+        return approvals.mine(c)
+
+    @app.get(f"{p}/requests/{{request_id}}", response_model=ApprovalRequestInfo)
+    def my_request(request_id: str, c: Who):
+        return approvals.get(c, request_id)
+
+    @app.get(f"{p}/owner/requests", response_model=list[ApprovalRequestInfo])
+    def requests(c: Who, state: str | None = None):
+        return approvals.requests(c, state)
+
+    @app.get(f"{p}/owner/policies", response_model=list[PolicyInfo])
+    def policies(c: Who):
+        return approvals.policies(c)
+
+    @app.post(f"{p}/owner/requests/{{request_id}}/approve", response_model=ApprovalRequestInfo, responses=conflict)
+    def approve(request_id: str, d: ApprovalDecision, c: Who):
+        return approvals.approve(c, request_id, d.releases, d.days)
+
+    @app.post(f"{p}/owner/requests/{{request_id}}/deny", response_model=ApprovalRequestInfo, responses=conflict)
+    def deny(request_id: str, d: ApprovalDecision, c: Who):
+        return approvals.deny(c, request_id, d.reason or "")
+
+    @app.post(f"{p}/owner/requests/{{request_id}}/revoke", response_model=ApprovalRequestInfo, responses=conflict)
+    def revoke(request_id: str, d: ApprovalDecision, c: Who):
+        return approvals.revoke(c, request_id, d.reason)

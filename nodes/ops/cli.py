@@ -429,6 +429,9 @@ def register(sub) -> None:
     p.add_argument("--no-data-roots", action="store_true", help="remove every data root (no restriction)")
     p.set_defaults(func=_config_set)
     _add_token(node, "node", "scientist")
+    from voxgrid.nodes.ops.approvals_cli import add_commands as add_approval_commands  # policy, requests
+
+    add_approval_commands(node)
     _add_budget(node)
     _add_limits(node)
     _add_cert(node, "node")

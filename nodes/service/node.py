@@ -194,6 +194,9 @@ class NodeService:
         self.secagg = NodeSecAgg(self.config.name, home.tls)
         self.executor: Executor | None = None
         self.limits = JobLimits.parse(self.config.limits)
+        from voxgrid.nodes.service.approvals import Approvals  # here: approvals.py imports this module's errors
+
+        self.approvals = Approvals(self.store, self.config.name)  # the owner's decisions (policies, requests)
         if start_executor:
             # FedBN-style site-kept tensors persist in the home, so a restarted node keeps them.
             self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads,
@@ -335,13 +338,16 @@ class NodeService:
             return self._status(existing)
         self._check_queue(caller)
         job_id = new_job_id()
+        # A 'review' dataset: one release of the owner's approval (ApprovalNeeded, 403, records a request).
+        approval = self.approvals.consume(caller, req.dataset, req.plan, plan.content_hash, job_id)
         # Reserve the spend before the job exists: a crash in between leaves a reservation with
         # no job (given back at the next start), never a job whose spend was not checked.
-        self._reserve(caller, req, ds, plan, spec, job_id)
         try:
+            self._reserve(caller, req, ds, plan, spec, job_id)
             job = self.store.add_job(caller.name, req, job_id=job_id)
         except BaseException:
             self.ledger.cancel(job_id)
+            self.approvals.refund(approval, job_id)
             raise
         self.store.audit(caller.name, "job.submit",
                          f"{req.kind} job {job.job_id} on {req.dataset}, experiment {req.experiment_id} "

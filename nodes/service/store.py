@@ -44,7 +44,34 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dataset_policies (
+    dataset TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS approval_requests (
+    request_id TEXT PRIMARY KEY,
+    scientist TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    plan_hash TEXT NOT NULL,
+    purpose TEXT NOT NULL DEFAULT '',
+    releases_asked INTEGER,
+    created_at TEXT NOT NULL,
+    state TEXT NOT NULL,
+    decided_at TEXT,
+    decided_by TEXT,
+    reason TEXT,
+    releases INTEGER,
+    used INTEGER NOT NULL DEFAULT 0,
+    expires_at TEXT
+);
+CREATE INDEX IF NOT EXISTS approval_requests_triple ON approval_requests (scientist, dataset, plan_hash);
 """
+#: A dataset's policy: 'open' (every valid plan runs) or 'review' (each plan needs the owner's approval,
+#: nodes/service/approvals.py). Datasets without a row are open (the default, for now).
+POLICIES = ("open", "review")
+DEFAULT_POLICY = "open"
 
 
 @dataclass(frozen=True)
@@ -170,6 +197,27 @@ class NodeStore(Database):
 
     def datasets(self) -> list[DatasetRecord]:
         return [self.dataset(r["name"]) for r in self.query("SELECT name FROM datasets ORDER BY name")]
+
+    # policies (the tables are created by SCHEMA's CREATE ... IF NOT EXISTS, also in older files) -------
+    def policy(self, dataset: str) -> str:
+        """The dataset's policy: 'open' or 'review' (:data:`DEFAULT_POLICY` where the owner set none)."""
+        rows = self.query("SELECT policy FROM dataset_policies WHERE dataset=?", (dataset,))
+        return rows[0]["policy"] if rows else DEFAULT_POLICY
+
+    def policies(self) -> dict[str, str]:
+        """Every registered dataset's policy."""
+        return {d["name"]: self.policy(d["name"]) for d in self.query("SELECT name FROM datasets ORDER BY name")}
+
+    def set_policy(self, dataset: str, policy: str, actor: str = "owner") -> None:
+        """Set a registered dataset's policy; audited in the same transaction, before the change."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+        with self.transaction() as c:
+            if not c.execute("SELECT 1 FROM datasets WHERE name=?", (dataset,)).fetchone():
+                raise KeyError(dataset)
+            self.audit(actor, "policy.set", f"{dataset}: {policy}", conn=c)
+            c.execute("INSERT OR REPLACE INTO dataset_policies (dataset, policy, updated_at) VALUES (?,?,?)",
+                      (dataset, policy, now()))
 
     # jobs --------------------------------------------------------------------------------------
     def add_job(self, scientist: str, request: JobRequest, job_id: str | None = None) -> JobRecord:
