@@ -1,6 +1,12 @@
 """Test support: a node home with one registered dataset, and waiting for a job from outside."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from voxgrid.nodes.ops import admin
@@ -35,3 +41,27 @@ def wait_job(client, job_id: str, timeout: float = 180, poll: float = 10):
         assert time.monotonic() < deadline, st
         st = client.job(job_id, wait=poll)
     return st
+
+
+@contextmanager
+def serving(home: Path, log_file: Path):
+    """A real ``voxgrid node start`` process for ``home`` on a free port; yields (url, ca); stopped after."""
+    log = open(log_file, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "voxgrid", "node", "start", "--home", str(home), "--port", "0",
+                             "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run = Home(home).run_file
+    deadline = time.monotonic() + 90
+    while not run.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+        time.sleep(0.05)
+    try:
+        yield json.loads(run.read_text())["url"], Home(home).tls / "ca.crt"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -3,16 +3,14 @@ and a real node process (which reads policies and approvals from its SQLite file
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import pytest
-from homes import node_home, wait_job
+from homes import node_home, serving, wait_job
 
 from voxgrid import Experiment, tensors, unet_plan
 from voxgrid.cli import main
@@ -58,25 +56,8 @@ def running(tmp_path):
     """A real node process whose dataset 'ct' is under review; yields (home, url, ca)."""
     home = node_home(tmp_path, volumes=volumes(tmp_path / "data")).path
     assert main(["node", "policy", "set", "--home", str(home), "--dataset", "ct", "--policy", "review"]) == 0
-    log = open(tmp_path / "node.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "voxgrid", "node", "start", "--home", str(home), "--port", "0",
-                             "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    run = Home(home).run_file
-    deadline = time.monotonic() + 90
-    while not run.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()[-3000:]
-        time.sleep(0.05)
-    try:
-        yield home, json.loads(run.read_text())["url"], Home(home).tls / "ca.crt"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with serving(home, tmp_path / "node.log") as (url, ca):
+        yield home, url, ca
 
 
 def job(p, weights_id, kind="train", rnd=0):

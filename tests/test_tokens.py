@@ -2,16 +2,13 @@
 of a real node process (which reads the tokens from its SQLite file on every request)."""
 
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from homes import node_home
+from homes import node_home, serving
 
 from voxgrid.cli import main
 from voxgrid.client import AccessRefused, AuthError, NodeClient, NotFoundError, RequestRefused
@@ -223,27 +220,8 @@ def test_owner_service_methods_refuse_a_scientist(home):
 def running_node(tmp_path):
     """A real node process on a free port (HTTPS, its own CA) serving the home ``node_home`` made."""
     home = node_home(tmp_path).path
-    log = open(tmp_path / "node.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "voxgrid", "node", "start", "--home", str(home), "--port", "0",
-                             "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    run = Home(home).run_file
-    deadline = time.monotonic() + 90
-    while not run.exists():
-        assert proc.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()[-3000:]
-        time.sleep(0.05)
-    url = json.loads(run.read_text())["url"]
-    try:
-        yield home, url, Home(home).tls / "ca.crt"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with serving(home, tmp_path / "node.log") as (url, ca):
+        yield home, url, ca
 
 
 def test_a_running_node_refuses_a_token_at_once_after_revoke_or_expiry(running_node, capsys):
