@@ -1,10 +1,16 @@
-"""Paths that only a GPU would exercise, checked on the CPU (issue 17, items 1, 2 and 5).
+"""Paths that only a GPU would exercise, checked on the CPU (issue 17, items 1, 2, 4, 5, 8 and 9).
 
 * DP-SGD's noise generator must be on the gradients' device (Opacus refuses a CPU generator for CUDA
   tensors);
 * the loss modules' buffers (cross-entropy's class weights) must follow the network to its device
   (checked with the ``meta`` device standing in for CUDA);
-* evaluation scores label maps, not full-volume one-hot tensors, with the same numbers.
+* evaluation scores label maps, not full-volume one-hot tensors, with the same numbers;
+* mixed precision: bfloat16 without a scaler where the GPU has it, else float16 with a kept GradScaler
+  whose skipped steps are not counted (the GPU's capability injected);
+* a sticky CUDA error fails its job and ends the worker, which the executor starts afresh (an injected
+  error; the last test with real worker processes);
+* "auto" never falls back to the CPU without saying why, the node reports the device its worker uses,
+  and the doctor warns of a GPU that torch cannot use (torch's and the machine's probes injected).
 """
 
 import math
@@ -239,3 +245,313 @@ def test_uint8_labels_a_classes_subset_and_a_node_sw_batch_cap_give_the_same_sco
     assert Trainer(torch.device("cpu"), max_sw_batch_size=1).evaluate(plan, net, data, {1, 3}) == expected
     with pytest.raises(ValueError, match="max_sw_batch_size"):
         Trainer(torch.device("cpu"), max_sw_batch_size=0)
+
+
+# --- 4. mixed precision -----------------------------------------------------------------------------------
+def _no_probe():
+    raise AssertionError("the GPU's capability is asked only for an amp plan on CUDA")
+
+
+def test_precision_is_bfloat16_without_a_scaler_where_the_gpu_has_it_else_float16_with_one():
+    cuda = torch.device("cuda")
+    assert training.pick_precision(True, cuda, lambda: True) == training.Precision(torch.bfloat16, scaler=False)
+    assert training.pick_precision(True, cuda, lambda: False) == training.Precision(torch.float16, scaler=True)
+    for amp, device in ((False, cuda), (True, torch.device("cpu")), (True, "meta")):
+        p = training.pick_precision(amp, device, _no_probe)
+        assert p == training.Precision() and not p.autocast and not p.scaler  # float32 throughout
+
+
+def test_the_float16_scaler_is_kept_from_job_to_job_and_bfloat16_has_none():
+    import warnings
+
+    plan = voxgrid.unet_plan(["background", "pancreas"], **{**TINY, "amp": True})
+    assert Trainer(torch.device("cuda"), bf16_supported=lambda: True).scaler(plan) is None
+    assert Trainer(torch.device("cpu"), bf16_supported=_no_probe).scaler(plan) is None
+    fp16 = Trainer(torch.device("cuda"), bf16_supported=lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch disables the scaler it makes, with a warning
+        first = fp16.scaler(plan)
+        assert isinstance(first, torch.amp.GradScaler) and fp16.scaler(plan) is first  # its scale carries over
+        other = voxgrid.unet_plan(["background", "pancreas"], **{**TINY, "amp": True, "local_epochs": 2})
+        assert other.content_hash != plan.content_hash and fp16.scaler(other) is not first
+
+
+def test_a_step_the_scaler_skips_is_reported_as_skipped_and_changes_nothing():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    assert training.optimizer_step(opt, (p * float("inf")).sum(), scaler) is False  # non-finite gradient
+    assert torch.equal(p.detach(), torch.ones(2)) and scaler.get_scale() == 2.0 ** 7
+    opt.zero_grad()
+    assert training.optimizer_step(opt, p.sum(), scaler) is True
+    assert torch.allclose(p.detach(), torch.full((2,), 0.9))
+    opt.zero_grad()
+    assert training.optimizer_step(opt, p.sum(), None) is True  # float32 / bfloat16: no scaler
+
+
+def _tiny_data():
+    image = 0.1 * torch.randn(1, 16, 16, 16)
+    label = torch.zeros(1, 16, 16, 16)
+    image[:, 4:10, 4:10, 4:10] += 1.0
+    label[:, 4:10, 4:10, 4:10] = 1.0
+    return [{"image": MetaTensor(image), "label": MetaTensor(label), "patient": p} for p in "AB"]
+
+
+@pytest.mark.parametrize("skip, steps", [({1, 3}, 2), ({0, 1, 2, 3}, 0)])
+def test_training_counts_only_the_steps_done_and_their_loss(monkeypatch, skip, steps):
+    plan = voxgrid.unet_plan(["background", "pancreas"], **{**TINY, "local_epochs": 1, "steps_per_epoch": 4})
+    real, seen, losses = training.optimizer_step, [], []
+
+    def step(opt, loss, scaler):  # stands in for the scaler's verdict
+        i = len(seen)
+        seen.append(i)
+        if i in skip:
+            return False
+        losses.append(float(loss.detach()))
+        return real(opt, loss, scaler)
+
+    monkeypatch.setattr(training, "optimizer_step", step)
+    torch.manual_seed(0)
+    loss, done = Trainer(torch.device("cpu")).train(plan, build_network(plan), _tiny_data(), seed=0, present={1})
+    assert len(seen) == 4 and done == steps
+    assert (loss is None) if not losses else loss == pytest.approx(sum(losses) / len(losses))
+
+
+# --- 8. a sticky CUDA error ends the worker ---------------------------------------------------------------
+ADVICE = ("\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace "
+          "below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1")
+STICKY = ["CUDA error: device-side assert triggered", "CUDA error: an illegal memory access was encountered",
+          "CUDA error: unspecified launch failure", "cudaErrorLaunchFailure",
+          "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k)`"]
+
+
+@pytest.mark.parametrize("text", STICKY)
+@pytest.mark.parametrize("kind", [torch.AcceleratorError, RuntimeError])
+def test_sticky_cuda_errors_are_recognised(kind, text):
+    from voxgrid.nodes.worker.devices import is_sticky_cuda_error
+
+    assert is_sticky_cuda_error(kind(text + ADVICE))
+    try:  # raised again as another error (a wrapper of the job's): the cause still counts
+        try:
+            raise kind(text)
+        except RuntimeError as exc:
+            raise ValueError("the job failed") from exc
+    except ValueError as wrapped:
+        assert is_sticky_cuda_error(wrapped)
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 RuntimeError("CUDA error: out of memory"), ValueError("CUDA error in the plan"),
+                                 RuntimeError("mat1 and mat2 shapes cannot be multiplied"), KeyError("CUDA error")])
+def test_other_errors_are_not_sticky(exc):
+    from voxgrid.nodes.worker.devices import is_sticky_cuda_error
+
+    assert not is_sticky_cuda_error(exc)
+
+
+def _run_job(job_id: str):
+    from voxgrid.nodes.worker.messages import parse_job
+
+    plan = voxgrid.unet_plan(["background", "pancreas"], **TINY)
+    return parse_job({"job_id": job_id, "dataset": {"label_names": {1: "pancreas"}, "volumes": [], "fingerprint": "f"},
+                      "request": {"experiment_id": "e", "round": 0, "dataset": "ct", "plan": plan.model_dump(mode="json"),
+                                  "plan_hash": plan.content_hash, "weights_id": "0" * 64}})
+
+
+def _stand_in_runner(device: str, errors: dict):
+    """A JobRunner whose job function is a stand-in: raises ``errors[job_id]`` or returns metrics and an update."""
+    from types import SimpleNamespace
+
+    from voxgrid.nodes.worker.runner import JobRunner
+    from voxgrid.wire import Metrics
+
+    class StandIn(JobRunner):
+        def run(self, job, blob):
+            if job.job_id in errors:
+                raise errors[job.job_id]
+            return Metrics(steps=1, device=self.trainer.device.type), b"update:" + blob
+
+    return StandIn(SimpleNamespace(device=torch.device(device)), None, None)
+
+
+def test_the_runner_fails_a_sticky_job_clearly_asks_to_exit_and_releases_memory_between_jobs(monkeypatch):
+    from voxgrid.nodes.worker.messages import JobDone, JobFailed
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(1))
+    runner = _stand_in_runner("cuda", {"bad": ValueError("no such label"),
+                                       "oom": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
+                                       "sticky": torch.AcceleratorError(STICKY[1] + ADVICE)})
+    done, update = runner.attempt(_run_job("ok"), b"w")
+    assert isinstance(done, JobDone) and done.has_update and update == b"update:w" and len(released) == 1
+    for job_id, error in (("bad", "ValueError: no such label"), ("oom", "OutOfMemoryError: CUDA out of memory")):
+        failed, update = runner.attempt(_run_job(job_id), b"w")
+        assert isinstance(failed, JobFailed) and not failed.worker_exits and update is None
+        assert failed.error.startswith(error)
+    assert len(released) == 3  # after every job that leaves the context usable
+    failed, update = runner.attempt(_run_job("sticky"), b"w")
+    assert isinstance(failed, JobFailed) and failed.worker_exits and update is None
+    assert "CUDA context cannot be used again" in failed.error and "illegal memory access" in failed.error
+    assert "restarts its executor" in failed.error and "CUDA_LAUNCH_BLOCKING" not in failed.error
+    assert len(released) == 3  # not on a broken context
+    cpu = _stand_in_runner("cpu", {})
+    assert isinstance(cpu.attempt(_run_job("ok"), b"w")[0], JobDone) and len(released) == 3  # nothing on the CPU
+
+
+def test_the_worker_loop_reports_the_sticky_failure_then_exits_and_runs_nothing_more():
+    import multiprocessing as mp
+
+    from voxgrid.nodes.worker.messages import JobDone, JobFailed, JobStarted, recv_event, send
+    from voxgrid.nodes.worker.runner import EXIT_DEVICE_BROKEN, serve
+
+    server, worker = mp.Pipe()
+    for job_id in ("ok", "sticky", "after"):
+        send(server, _run_job(job_id), b"w")
+    codes = []
+    serve(worker, _stand_in_runner("cuda", {"sticky": RuntimeError(STICKY[0])}), exit=codes.append)
+    assert codes == [EXIT_DEVICE_BROKEN]
+    events = [recv_event(server) for _ in range(4)]
+    assert [type(e) for e in events] == [JobStarted, JobDone, JobStarted, JobFailed]
+    assert [e.job_id for e in events] == ["ok", "ok", "sticky", "sticky"] and events[3].worker_exits
+    assert not server.poll(0.2)  # "after" was never started: the next worker takes it
+
+
+def sticky_worker(conn, *args):
+    """Runs in the executor's worker process: the real worker loop, with a job function that fails
+    jobs named sticky-* with a CUDA error that breaks the context, and finishes the others at once."""
+    from voxgrid.nodes.worker import runner
+    from voxgrid.wire import Metrics
+
+    def run(self, job, blob):
+        if job.job_id.startswith("sticky"):
+            raise torch.AcceleratorError(STICKY[1] + ADVICE)
+        return Metrics(steps=1, device=self.trainer.device.type), None
+
+    runner.JobRunner.run = run
+    runner.worker_main(conn, *args)
+
+
+def test_the_executor_restarts_a_worker_that_exits_after_a_sticky_error_and_runs_the_next_job(monkeypatch):
+    import threading
+
+    from voxgrid.nodes.service import executor as executor_module
+    from voxgrid.nodes.worker.messages import JobDone, JobFailed
+    from voxgrid.nodes.worker.runner import EXIT_DEVICE_BROKEN
+
+    monkeypatch.setattr(executor_module, "worker_main", sticky_worker)
+    ended, cv = {}, threading.Condition()
+
+    def on_event(event):
+        with cv:
+            if isinstance(event, (JobDone, JobFailed)):
+                ended[event.job_id] = event
+            cv.notify_all()
+
+    ex = executor_module.Executor(on_event, device="auto", threads=1)
+    try:
+        assert ex.ready.wait(120)
+        assert ex.worker_device == "cpu"  # what "auto" became in the worker (no usable CUDA here)
+        first = ex._proc
+        for job_id in ("sticky-1", "next-1", "next-2"):  # queued together: none may go to the leaving worker
+            ex.submit({**_run_job(job_id).model_dump(mode="json"), "scientist": "alice"}, b"w")
+        with cv:
+            assert cv.wait_for(lambda: len(ended) == 3, 180), ended
+        failed = ended["sticky-1"]
+        assert isinstance(failed, JobFailed) and failed.worker_exits and "illegal memory access" in failed.error
+        assert all(isinstance(ended[j], JobDone) for j in ("next-1", "next-2")), ended  # none lost in the restart
+        assert first.exitcode == EXIT_DEVICE_BROKEN and ex._proc is not first and ex._proc.is_alive()
+        assert ex.worker_device == "cpu"
+    finally:
+        ex.close()
+
+
+# --- 9. no silent CPU ------------------------------------------------------------------------------------
+def _probe(cuda_version, available, count=0, names=()):
+    from voxgrid.nodes.worker.devices import CudaProbe
+
+    return lambda: CudaProbe("2.13.0", cuda_version, available, count, names)
+
+
+CPU_BUILD, NO_DEVICE, ONE_GPU = _probe(None, False), _probe("12.8", False), _probe("12.8", True, 1, ("NVIDIA H200",))
+
+
+@pytest.mark.parametrize("probe, host, says", [
+    (CPU_BUILD, False, ["CPU-only build", "torch.version.cuda is None"]),
+    (CPU_BUILD, True, ["CPU-only build", "NVIDIA GPU", "CUDA wheel", "download.pytorch.org"]),
+    (NO_DEVICE, False, ["CUDA 12.8", "sees no CUDA device", "no NVIDIA GPU"]),
+    (NO_DEVICE, True, ["sees no CUDA device", "CUDA_VISIBLE_DEVICES", "nvidia-smi"]),
+])
+def test_auto_falls_back_to_the_cpu_only_with_a_warning_saying_why(probe, host, says):
+    from voxgrid.nodes.worker.devices import resolve_device
+
+    warned = []
+    assert resolve_device("auto", probe, lambda: host, lambda fmt, *a: warned.append(fmt % a)) == "cpu"
+    assert len(warned) == 1 and all(s in warned[0] for s in says), warned
+    assert "jobs run on the CPU" in warned[0]
+
+
+def test_auto_takes_a_usable_gpu_and_a_set_device_is_not_probed(caplog):
+    from voxgrid.nodes.worker.devices import resolve_device
+
+    warned = []
+    assert resolve_device("auto", ONE_GPU, _no_probe, warned.append) == "cuda" and not warned
+    assert resolve_device("cuda:1", _no_probe, _no_probe, warned.append) == "cuda:1" and not warned
+    # through the trainer's helper, into the executor's log
+    with caplog.at_level("WARNING", logger="voxgrid.executor"):
+        assert training.pick_device("auto", probe=CPU_BUILD, host_gpu=lambda: True) == torch.device("cpu")
+    assert "CPU-only build" in caplog.text and "CUDA wheel" in caplog.text
+
+
+def test_the_machines_gpu_is_found_by_its_driver_or_nvidia_smi():
+    from voxgrid.nodes.worker.devices import NVIDIA_DRIVER_FILE, host_has_nvidia_gpu
+
+    assert host_has_nvidia_gpu(lambda p: p == NVIDIA_DRIVER_FILE, lambda name: None)
+    assert host_has_nvidia_gpu(lambda p: False, lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert not host_has_nvidia_gpu(lambda p: False, lambda name: None)
+
+
+def test_the_node_reports_the_device_its_worker_uses(tmp_path):
+    from homes import node_home
+
+    from voxgrid.nodes.service.home import Home
+    from voxgrid.nodes.service.node import NodeService
+
+    class ReadyExecutor:
+        worker_device = None
+
+        def close(self):
+            pass
+
+    node_home(tmp_path)
+    service = NodeService(Home(tmp_path / "home"), start_executor=False)
+    try:
+        service.executor = ReadyExecutor()
+        assert service.config.device == "auto"
+        from voxgrid.nodes.worker.devices import probe_torch
+
+        assert service.info().device == ("cuda" if probe_torch().usable else "cpu")  # not ready yet: this process's view
+        for reported in ("cuda", "cpu"):  # once ready: the worker's word, whatever this process would derive
+            service.executor.worker_device = reported
+            assert service.executor_device() == reported and service.info().device == reported
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("device, probe, host, status, says", [
+    ("auto", CPU_BUILD, True, "warn", ["NVIDIA GPU", "jobs would run on the CPU", "CPU-only build", "CUDA wheel"]),
+    ("auto", NO_DEVICE, True, "warn", ["jobs would run on the CPU", "sees no CUDA device", "CUDA_VISIBLE_DEVICES"]),
+    ("auto", CPU_BUILD, False, "ok", ["no GPU on this machine", "jobs run on the CPU"]),
+    ("auto", NO_DEVICE, False, "ok", ["no GPU on this machine", "jobs run on the CPU"]),
+    ("auto", ONE_GPU, True, "ok", ["1 CUDA device(s): NVIDIA H200 (device auto)"]),
+    ("cuda:0", CPU_BUILD, True, "fail", ["'cuda:0' configured", "CPU-only build", "CUDA wheel"]),
+    ("cuda", NO_DEVICE, False, "fail", ["'cuda' configured", "sees no CUDA device"]),
+    ("cpu", CPU_BUILD, True, "ok", ["device 'cpu' configured: jobs run on the CPU"]),
+])
+def test_the_doctor_warns_of_a_gpu_that_torch_cannot_use(device, probe, host, status, says):
+    from types import SimpleNamespace
+
+    from voxgrid.nodes.ops.doctor import check_gpu
+
+    c = check_gpu(SimpleNamespace(device=device), probe=probe, host_gpu=lambda: host)
+    assert c.name == "gpu" and c.status == status, c
+    assert all(s in c.reason for s in says), c.reason

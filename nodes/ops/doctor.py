@@ -12,11 +12,14 @@ import ipaddress
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from voxgrid.nodes.service.home import Home, HomeError, ServerConfig
+from voxgrid.nodes.worker.devices import CudaProbe, host_has_nvidia_gpu, no_cuda_reason, probe_torch
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CERT_WARN_DAYS = 30
@@ -206,19 +209,33 @@ def check_outbound(home: Home, cfg: ServerConfig | None) -> Check:
                                  "no network port")
 
 
-def check_gpu(cfg: ServerConfig | None) -> Check:
+def check_gpu(cfg: ServerConfig | None, probe: Callable[[], CudaProbe] | None = None,
+              host_gpu: Callable[[], bool] = host_has_nvidia_gpu) -> Check:
+    """Whether jobs will run on a GPU. ``probe``: what torch says (default: ask the installed torch);
+    ``host_gpu``: whether the machine has an NVIDIA GPU (the driver's /proc file, or nvidia-smi on PATH).
+
+    WARN when the machine has a GPU that torch cannot use (a CPU-only torch build, or no device
+    visible to it): jobs would run on the CPU. OK "jobs run on the CPU" only without a GPU."""
     device = cfg.device if cfg else "auto"
-    try:
-        import torch
-    except ImportError as exc:
-        return Check("gpu", FAIL, f"torch does not import: {exc}")
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return Check("gpu", OK, f"{len(names)} CUDA device(s): {', '.join(names)} (device {device})")
+    if probe is None:
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            return Check("gpu", FAIL, f"torch does not import: {exc}")
+        probe = partial(probe_torch, names=True)
+    p = probe()
+    if p.usable:
+        return Check("gpu", OK, f"{len(p.names) or p.device_count} CUDA device(s): "
+                                f"{', '.join(p.names) or 'unnamed'} (device {device})")
+    has_gpu = host_gpu()
+    why = no_cuda_reason(p, has_gpu)
     if device.startswith("cuda"):
-        return Check("gpu", FAIL, f"device {device!r} configured but torch sees no CUDA GPU "
-                                  f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    return Check("gpu", OK, f"no CUDA GPU seen (torch {torch.__version__}); jobs run on the CPU")
+        return Check("gpu", FAIL, f"device {device!r} configured but torch cannot use a GPU: {why}")
+    if device == "cpu":
+        return Check("gpu", OK, f"device 'cpu' configured: jobs run on the CPU ({why})")
+    if has_gpu:
+        return Check("gpu", WARN, f"this machine has an NVIDIA GPU but jobs would run on the CPU: {why}")
+    return Check("gpu", OK, f"no GPU on this machine ({why}); jobs run on the CPU")
 
 
 def check_disk(home: Home, warn_bytes: int = DISK_WARN_BYTES) -> Check:

@@ -11,7 +11,9 @@ the durable copies.
 The server keeps the queue (:class:`~.limits.FairQueue`: round-robin across scientists) and hands
 the worker one job at a time, when it is idle. A watchdog stops a job past the owner's wall-time
 limit, or a worker past its memory limit, by killing the worker (which is then started again); a
-cancelled running job is stopped the same way. The job fails with the reason.
+cancelled running job is stopped the same way. The job fails with the reason. A worker whose job broke
+its CUDA context reports the failure and exits; it is started again the same way, and no job is handed
+to it in between.
 """
 
 from __future__ import annotations
@@ -65,12 +67,17 @@ class Executor:
         self._closing = False
         #: Set once the worker has done its imports and can take a job at once.
         self.ready = threading.Event()
+        #: The device type the worker reported when ready ("cuda", "cpu"): what "auto" resolved to there.
+        #: None until a worker has been ready.
+        self.worker_device: str | None = None
+        self._exiting = False  # the worker said it exits after its failed job (a broken CUDA context)
         self._start()
         for name, target in (("executor-dispatch", self._dispatch), ("executor-watchdog", self._watch)):
             threading.Thread(target=target, args=(poll,), name=name, daemon=True).start()
 
     def _start(self) -> None:
         self.ready.clear()
+        self._exiting = False
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited server threads or sockets
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=worker_main, name="voxgrid-executor", daemon=True,
@@ -153,8 +160,14 @@ class Executor:
                 break
             if isinstance(event, WorkerReady):
                 with self._cv:
+                    self.worker_device = event.device
                     self.ready.set()
                     self._cv.notify_all()
+            elif isinstance(event, JobFailed) and event.worker_exits:
+                with self._cv:  # before the job ends: no next job may go to the worker that is leaving
+                    self._exiting = True
+                    self.ready.clear()
+                self._finish(event)
             elif isinstance(event, (JobDone, JobFailed)):
                 self._finish(event)
             else:
@@ -176,7 +189,10 @@ class Executor:
             reason = self._reasons.get(lost.job_id) or (f"executor process exited unexpectedly (exit code {code}); "
                                                         "job not completed")
             self._finish(JobFailed(job_id=lost.job_id, error=reason))
-        log.error("executor exited with code %s; restarting it", code)
+        if self._exiting:
+            log.warning("executor exited (code %s) after a CUDA error broke its context; starting a fresh one", code)
+        else:
+            log.error("executor exited with code %s; restarting it", code)
         with self._cv:
             if not self._closing:
                 self._start()

@@ -249,11 +249,16 @@ class NodeService:
         return f"https://{self.config.host}:{self.config.port}"
 
     def executor_device(self) -> str:
+        """The device type jobs run on: as the worker reported it once ready (what "auto" became there,
+        the CPU included when it fell back), else as the node's setting and this process's torch say."""
+        reported = getattr(self.executor, "worker_device", None)
+        if isinstance(reported, str) and reported:
+            return reported
         if self.config.device != "auto":
             return self.config.device.split(":")[0]
-        import torch
+        from voxgrid.nodes.worker.devices import probe_torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if probe_torch().usable else "cpu"
 
     def datasets(self, caller: Caller) -> list[DatasetInfo]:
         self.require(caller, "owner", "scientist")

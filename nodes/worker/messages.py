@@ -68,7 +68,8 @@ class RunJob(_Message):
 
 # --- worker -> server -----------------------------------------------------------------------------
 class WorkerReady(_Message):
-    """Imports done: the worker takes a job at once."""
+    """Imports done: the worker takes a job at once. ``device``: the device type it runs jobs on
+    ("cuda", "cpu"), as it resolved the node's setting ("auto" may have fallen back to the CPU)."""
 
     event: Literal["ready"] = "ready"
     device: str
@@ -94,6 +95,9 @@ class JobFailed(_Message):
     event: Literal["failed"] = "failed"
     job_id: str
     error: str
+    # The worker exits right after this message (its CUDA context is broken): the server hands it no
+    # further job and starts a fresh worker when its pipe closes.
+    worker_exits: bool = False
 
 
 WorkerEvent = Annotated[Union[WorkerReady, JobStarted, JobDone, JobFailed], Field(discriminator="event")]

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import traceback
+from collections.abc import Callable
 
 from voxgrid.nodes.worker.messages import (JobDone, JobFailed, JobStarted, RunJob, WorkerReady, recv_job,
                                            send)
@@ -19,24 +21,38 @@ from voxgrid.nodes.worker.messages import (JobDone, JobFailed, JobStarted, RunJo
 log = logging.getLogger("voxgrid.executor")
 
 
+#: The worker's exit status after a CUDA error that broke its context (the server starts a new worker).
+EXIT_DEVICE_BROKEN = 3
+
+
 def worker_main(conn, device: str, threads: int, state_dir: str | None = None, cache_dir: str | None = None) -> None:
     """Worker loop: runs the jobs the server hands it, one at a time. Exits when the server goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us cleanly
     runner = JobRunner.start(device, threads, state_dir, cache_dir)
-    send(conn, WorkerReady(device=runner.trainer.device.type))
+    send(conn, WorkerReady(device=runner.trainer.device.type))  # what "auto" became: the node reports it
+    serve(conn, runner)
+
+
+def serve(conn, runner: JobRunner, exit: Callable[[int], object] = os._exit) -> None:
+    """Run the jobs that arrive on ``conn`` until the server goes away, or until a job breaks the
+    device's CUDA context: then its failure is reported and the process ends with
+    :data:`EXIT_DEVICE_BROKEN` through ``exit``; ``os._exit`` by default, since the interpreter's own
+    shutdown would run CUDA teardown on the broken context."""
     while True:
         try:
             job, blob = recv_job(conn)  # a ProtocolError ends the worker: the server fails the job, restarts it
         except (EOFError, OSError):
             return
         send(conn, JobStarted(job_id=job.job_id))
-        try:
-            metrics, update = runner.run(job, blob)
-        except Exception as exc:  # a bad job must never take the worker down
-            log.warning("job %s failed: %s", job.job_id, traceback.format_exc())
-            send(conn, JobFailed(job_id=job.job_id, error=f"{type(exc).__name__}: {exc}"))
-            continue
-        send(conn, JobDone(job_id=job.job_id, metrics=metrics, has_update=update is not None), update)
+        event, update = runner.attempt(job, blob)
+        send(conn, event, update)
+        if isinstance(event, JobFailed) and event.worker_exits:
+            log.error("job %s broke the CUDA context; the worker exits so that a fresh one takes the next job",
+                      job.job_id)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            exit(EXIT_DEVICE_BROKEN)
+            return
 
 
 class JobRunner:
@@ -66,6 +82,41 @@ class JobRunner:
         for kind in ("network", "loss", "optimizer", "transform"):
             components.table(kind)
         return runner
+
+    def attempt(self, job: RunJob, blob: bytes) -> tuple[JobDone | JobFailed, bytes | None]:
+        """Run one job and say how it ended (:meth:`run` does the work); a bad job never raises here.
+
+        A sticky CUDA error (:func:`.devices.is_sticky_cuda_error`) fails the job with
+        ``worker_exits``: the context is broken and every later job would fail too. Otherwise, on
+        CUDA, the allocator's cached blocks are handed back between jobs."""
+        from voxgrid.nodes.worker.devices import is_sticky_cuda_error
+
+        try:
+            metrics, update = self.run(job, blob)
+        except Exception as exc:  # a bad job must never take the worker down
+            log.warning("job %s failed: %s", job.job_id, traceback.format_exc())
+            if is_sticky_cuda_error(exc):
+                first = (str(exc).strip().splitlines() or [""])[0]  # torch appends debugging advice
+                return JobFailed(job_id=job.job_id, worker_exits=True,
+                                 error=f"the GPU failed during the job and its CUDA context cannot be used again "
+                                       f"({type(exc).__name__}: {first}); the node restarts its executor, so the "
+                                       "next job runs on a fresh one"), None
+            self.release_memory()
+            return JobFailed(job_id=job.job_id, error=f"{type(exc).__name__}: {exc}"), None
+        self.release_memory()
+        return JobDone(job_id=job.job_id, metrics=metrics, has_update=update is not None), update
+
+    def release_memory(self) -> None:
+        """On CUDA, give the allocator's cached blocks back to the device between jobs (another job's
+        shapes, or another process on the GPU, can use them). Nothing to do on the CPU."""
+        if self.trainer.device.type != "cuda":
+            return
+        import torch
+
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # an error here is the next job's to report
+            log.warning("releasing cached GPU memory failed: %s", exc)
 
     def run(self, job: RunJob, blob: bytes):
         """(metrics, update bytes or None) of one job and its start weights."""

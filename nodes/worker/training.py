@@ -11,7 +11,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,7 @@ from voxgrid.privacy.mechanisms import NonFiniteUpdate, secure_generator
 from voxgrid.privacy.metrics import MetricsRelease, release_dice
 from voxgrid.privacy.spec import DPSGD, TrainingContext
 
+from voxgrid.nodes.worker.devices import resolve_device
 from voxgrid.nodes.worker.local_state import LocalState
 from voxgrid.nodes.worker.messages import VolumeSpec
 from voxgrid.nodes.worker.objective import LocalObjective, freeze_except
@@ -102,10 +103,10 @@ def refuse_for_dp_sgd(plan: Plan, net: torch.nn.Module) -> None:
         raise ValueError("DP-SGD (plan.privacy 'dp_sgd') cannot train this plan:\n" + "\n".join(problems))
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+def pick_device(requested: str = "auto", **probes) -> torch.device:
+    """The worker's device: :func:`.devices.resolve_device` ("auto" falls back to the CPU with a warning
+    saying why; ``probes``: its ``probe``, ``host_gpu`` and ``warn``, for tests)."""
+    return torch.device(resolve_device(requested, **probes))
 
 
 def dp_noise_generator(device: torch.device) -> torch.Generator:
@@ -128,30 +129,91 @@ def _params_device(params: list[torch.Tensor], fallback: torch.device) -> torch.
     return devices.pop() if devices else fallback
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a job computes: ``dtype`` the autocast type (None: float32 throughout, no autocast);
+    ``scaler``: float16 needs a GradScaler against underflowing gradients, bfloat16 does not."""
+
+    dtype: torch.dtype | None = None
+    scaler: bool = False
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype is not None
+
+
+def pick_precision(amp: bool, device: torch.device, bf16_supported: Callable[[], bool] | None = None) -> Precision:
+    """The plan's ``amp`` on ``device``: on CUDA, bfloat16 autocast without a scaler where the GPU
+    supports it (``bf16_supported``, default ``torch.cuda.is_bf16_supported``), else float16 with a
+    GradScaler; float32 on any other device or without ``amp``."""
+    if not amp or torch.device(device).type != "cuda":
+        return Precision()
+    if (bf16_supported or torch.cuda.is_bf16_supported)():
+        return Precision(torch.bfloat16)
+    return Precision(torch.float16, scaler=True)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> bool:
+    """Backward and step; False when ``scaler`` skipped the step (inf/NaN gradients in float16: the
+    scaler then lowers its scale and leaves the weights as they were)."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return True
+    scaler.scale(loss).backward()
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() >= before  # a skipped step backs the scale off; a done one keeps or grows it
+
+
 class Trainer:
     """Keeps networks warm per plan hash; trains and evaluates jobs."""
 
-    def __init__(self, device: torch.device, max_sw_batch_size: int | None = None):
+    def __init__(self, device: torch.device, max_sw_batch_size: int | None = None,
+                 bf16_supported: Callable[[], bool] | None = None):
         """``max_sw_batch_size``: the node's cap on the plan's ``sw_batch_size`` (windows per forward
-        pass in evaluation), for its own GPU's memory; not part of the plan, so not of its hash."""
+        pass in evaluation), for its own GPU's memory; not part of the plan, so not of its hash.
+        ``bf16_supported``: whether the GPU computes in bfloat16 (default: ask torch); see
+        :func:`pick_precision`."""
         if max_sw_batch_size is not None and max_sw_batch_size < 1:
             raise ValueError(f"max_sw_batch_size must be >= 1, got {max_sw_batch_size}")
         self.device = device
         self.max_sw_batch_size = max_sw_batch_size
+        self.bf16_supported = bf16_supported
         self._networks: dict[str, torch.nn.Module] = {}
+        self._scalers: dict[str, torch.amp.GradScaler] = {}
+
+    def precision(self, plan: Plan) -> Precision:
+        return pick_precision(plan.amp, self.device, self.bf16_supported)
+
+    def scaler(self, plan: Plan) -> torch.amp.GradScaler | None:
+        """float16's GradScaler, kept with the network from job to job: its scale is learned over more
+        steps (growth every 2000 by default) than one job takes."""
+        if not self.precision(plan).scaler:
+            return None
+        scaler = self._scalers.get(plan.content_hash)
+        if scaler is None:
+            scaler = torch.amp.GradScaler(self.device.type)
+            self._scalers = {plan.content_hash: scaler}
+        return scaler
 
     def network(self, plan: Plan, weights: StateDict) -> torch.nn.Module:
         net = self._networks.get(plan.content_hash)
         if net is None:
             net = build_network(plan).to(self.device)
             self._networks = {plan.content_hash: net}  # keep one: memory matters more than a rebuild
+            self._scalers.pop(plan.content_hash, None)  # a new network: its scaler starts afresh too
         check_compatible(net.state_dict(), weights)
         net.load_state_dict(weights)
         return net
 
     def train(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int,
-              present: set[int], dtp_state: dict[int, float] | None = None) -> tuple[float, int]:
+              present: set[int], dtp_state: dict[int, float] | None = None) -> tuple[float | None, int]:
         """Local epochs of patch training from the weights in ``net``; returns (mean loss, optimiser steps).
+
+        Steps that float16's GradScaler skipped (non-finite gradients) are not counted, nor is their
+        loss (None when every step was skipped).
 
         ``present``: the plan classes this site annotates; the loss ignores the others (see
         :mod:`.objective`). The reported loss is the data loss, without FedProx's proximal term.
@@ -167,10 +229,9 @@ class Trainer:
         crop = _patch_crop(plan, plan.samples_per_volume, seed)
         objective = LocalObjective(plan, present, net, dtp_state)
         opt = build_optimizer(plan, net.parameters())
-        amp = plan.amp and self.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        precision, scaler = self.precision(plan), self.scaler(plan)
         net.train()
-        losses, steps = [], 0
+        losses, steps, skipped = [], 0, 0
         for _ in range(plan.local_epochs):
             samples = [s for item in data for s in crop(item)]
             rng.shuffle(samples)
@@ -181,16 +242,20 @@ class Trainer:
                 x = torch.stack([s["image"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
                 y = torch.stack([s["label"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=amp):
+                with torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.autocast):
                     data_loss = objective.data_loss(net(x), y)
                 prox = objective.proximal()  # float32, outside autocast
                 loss = data_loss if prox is None else data_loss + prox
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(float(data_loss.detach()))  # comparable across strategies
-                steps += 1
-        return float(np.mean(losses)), steps
+                if optimizer_step(opt, loss, scaler):
+                    losses.append(float(data_loss.detach()))  # comparable across strategies
+                    steps += 1
+                else:
+                    skipped += 1
+        if skipped:
+            logging.getLogger(__name__).warning("float16: the gradient scaler skipped %d of %d steps "
+                                                "(non-finite gradients); they are not counted", skipped,
+                                                steps + skipped)
+        return (float(np.mean(losses)) if losses else None), steps
 
     def train_dp_sgd(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int, present: set[int],
                      f: DPSGD) -> tuple[None, int]:
@@ -286,12 +351,12 @@ class Trainer:
         n_cls = len(plan.labels)
         metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=ignore_empty,
                             num_classes=n_cls)
-        amp = plan.amp and self.device.type == "cuda"
+        precision = self.precision(plan)
         sw_batch = plan.sw_batch_size if self.max_sw_batch_size is None else min(plan.sw_batch_size,
                                                                                  self.max_sw_batch_size)
         for item in data:
             x = item["image"].as_tensor()[None].to(self.device)
-            with torch.autocast(self.device.type, enabled=amp):
+            with torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.autocast):
                 logits = sliding_window_inference(x, roi_size=plan.patch_size, sw_batch_size=sw_batch,
                                                   predictor=net, overlap=plan.sw_overlap, padding_mode="constant")
             # Label maps (B, 1, X, Y, Z), not one-hot: a one-hot int64 volume is 8 bytes per voxel per class.
