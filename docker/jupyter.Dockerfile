@@ -1,20 +1,26 @@
 # The scientist's JupyterLab with voxgrid (the scientist's side) and the notebooks. Build from the
 # repository root:  docker build -f docker/jupyter.Dockerfile -t voxgrid-jupyter .
-FROM python:3.11-slim-bookworm
+# BASE: any Debian-like image with python3 (3.10+) and its venv module (docker/build-check.sh: debootstrap).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 PATH=/opt/voxgrid/bin:$PATH
 RUN groupadd --system --gid 10001 scientist \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/scientist scientist
 
 WORKDIR /opt/voxgrid-src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: a change to the source (or the README) reuses this layer.
+COPY pyproject.toml ./
+COPY scripts/install.sh scripts/install.sh
+ARG VOXGRID_TORCH=torch==2.13.0
+ARG VOXGRID_TORCH_INDEX=
+RUN VOXGRID_DEPS_ONLY=1 VOXGRID_TORCH="${VOXGRID_TORCH}" VOXGRID_TORCH_INDEX="${VOXGRID_TORCH_INDEX}" \
+    bash scripts/install.sh /opt/voxgrid notebook
+COPY README.md ./
 COPY voxgrid voxgrid
 COPY nodes nodes
 COPY datasets datasets
 COPY privacy privacy
-COPY scripts/install.sh scripts/install.sh
-ARG VOXGRID_TORCH=torch==2.13.0
-ARG VOXGRID_TORCH_INDEX=
 RUN VOXGRID_TORCH="${VOXGRID_TORCH}" VOXGRID_TORCH_INDEX="${VOXGRID_TORCH_INDEX}" \
     bash scripts/install.sh /opt/voxgrid notebook
 COPY --chown=scientist:scientist notebooks /home/scientist/notebooks

@@ -1,29 +1,31 @@
-# A site's data node: CUDA runtime base; the executor trains on the GPU when the container sees one
-# (docker compose -f compose.yaml -f compose.gpu.yaml, or docker run --gpus all) and on the CPU otherwise
-# (the node's device is "auto"). Build from the repository root:
+# A site's data node. The executor trains on the GPU when the container sees one (docker compose -f
+# compose.yaml -f compose.gpu.yaml, or docker run --gpus all) and on the CPU otherwise (the node's device
+# is "auto"). Build from the repository root:
 #   docker build -f docker/node.Dockerfile -t voxgrid-node .
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-FROM ${CUDA_IMAGE}
+# No CUDA base image: torch's Linux wheels bring the CUDA runtime libraries they load (docker/README.md,
+# "The node image's base": a CUDA base only adds a second, unused set). BASE: any Debian-like image with
+# python3 (3.11+) and its venv module; docker/build-check.sh passes a Debian bookworm made with debootstrap.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PATH=/opt/voxgrid/bin:$PATH VOXGRID_HOME=/srv/voxgrid
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 voxgrid \
+ENV PYTHONUNBUFFERED=1 PATH=/opt/voxgrid/bin:$PATH VOXGRID_HOME=/srv/voxgrid
+RUN groupadd --system --gid 10001 voxgrid \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /srv/voxgrid voxgrid \
  && mkdir -p /data && chown voxgrid:voxgrid /data
 
 WORKDIR /opt/voxgrid-src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: a change to the source (or the README) reuses this layer.
+# torch==2.13.0 from the package index is its CUDA build on Linux x86_64, with its CUDA libraries.
+COPY pyproject.toml ./
+COPY scripts/install.sh scripts/install.sh
+ARG VOXGRID_TORCH=torch==2.13.0
+RUN VOXGRID_DEPS_ONLY=1 VOXGRID_TORCH="${VOXGRID_TORCH}" bash scripts/install.sh /opt/voxgrid
+COPY README.md ./
 COPY voxgrid voxgrid
 COPY nodes nodes
 COPY datasets datasets
 COPY privacy privacy
-COPY scripts/install.sh scripts/install.sh
-# The same install script CI runs (through scripts/setup.sh). torch==2.13.0 from the package index
-# is its CUDA build on Linux x86_64; CUDA_IMAGE provides the runtime libraries it needs.
-ARG VOXGRID_TORCH=torch==2.13.0
+# The same install script CI runs (through scripts/setup.sh).
 RUN VOXGRID_TORCH="${VOXGRID_TORCH}" bash scripts/install.sh /opt/voxgrid
 
 USER 10001:10001

@@ -107,6 +107,11 @@ def release_epsilon(events: list[GaussianEvent], delta: float) -> float:
     return eps
 
 
+def repeated(events: list[GaussianEvent], times: int) -> list[GaussianEvent]:
+    """The events of ``times`` identical releases (each event's steps multiplied)."""
+    return [GaussianEvent(e.noise_multiplier, e.sample_rate, e.steps * times) for e in events]
+
+
 @dataclass(frozen=True)
 class Terms:
     """What one job releases, for the ledger: its update's filter chain and its metrics, together."""
@@ -292,6 +297,7 @@ class Ledger:
                         releases=releases, delta=terms.delta, budgets=checks,
                         epsilon_per_release=release_epsilon(terms.events, terms.delta) if dp else None,
                         epsilon_per_release_prv=tighter_epsilon(terms.events, terms.delta) if dp else None,
+                        epsilon_total=epsilon(repeated(terms.events, releases), terms.delta) if dp else None,
                         parameters=terms.parameters)
 
     # entries -----------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class Estimate(_Record):
     releases: int
     epsilon_per_release: float | None = Field(description="one release alone, at the chain's delta; None if not DP")
     epsilon_per_release_prv: float | None = Field(None, description="the same by the tighter PRV accountant")
+    epsilon_total: float | None = Field(None, description="all ``releases`` composed, at the chain's delta (RDP); "
+                                                          "None if not DP")
     delta: float | None = None
     parameters: list[dict[str, Any]] = Field([], description="each filter's parameters; DP-SGD's with the "
                                                               "sample rate and steps this dataset and plan give")

@@ -6,7 +6,8 @@ chart of cumulative spend over releases with the budgets (:mod:`.report_chart`: 
 scripts, nothing fetched) and each release's mechanism in words, with its epsilon and the cumulative
 epsilon; then refused jobs. Epsilons compose with the RDP accountant at the scope's delta (budgets
 use it), the total also by the tighter PRV accountant. A release without DP has no epsilon, and no
-bound holds for its scope after it.
+bound holds for its scope after it. :func:`render_body` is the content; the file wraps it in a page, and the
+node's owner console shows the same body in its own.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def describe(mechanism: str, parameters: list[dict]) -> list[str]:
 # HTML --------------------------------------------------------------------------------------------
 _e = html.escape
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:68em;padding:0 1em;
  color:#222;line-height:1.4}
 h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:2px solid #ddd}h3{margin-top:1.6em}.meta{color:#555}
@@ -297,7 +298,8 @@ def _summary_cells(r: dict) -> str:
             f'<td><span class="chip {r["status"]}">{r["status"]}</span> {_e(r["note"])}</td>')
 
 
-def _summary_table(rows: list[dict]) -> str:
+def summary_table(rows: list[dict]) -> str:
+    """The summary per dataset and scientist (spent, budget, remaining, releases, last release, status)."""
     if not rows:
         return "<p>No releases and no budgets yet.</p>"
     head = ("<tr><th>Dataset</th><th>Scientist</th><th>Releases</th><th>Last release (UTC)</th><th>ε spent</th>"
@@ -390,16 +392,21 @@ total by the tighter PRV accountant. Spent and remaining include jobs accepted b
 without differential privacy has no ε, and no bound holds for its dataset and scientist after it.</p>"""
 
 
-def render_html(report: dict) -> str:
-    """A self-contained HTML page (no scripts, nothing fetched) for the report data from :func:`build`."""
+def render_body(report: dict) -> str:
+    """The report's content (no page around it): the HTML file and the owner console show exactly this."""
     datasets = list(dict.fromkeys(r["dataset"] for r in report["summary"]))
     sections = "".join(_dataset_section(d, report) for d in datasets) or "<p>No releases yet.</p>"
+    return (f'<h1>Privacy report</h1><p class="meta">Generated {_when(report["generated_at"])} UTC from this node\'s '
+            f"privacy ledger.</p>{_alerts(report)}<h2>Summary per dataset and scientist</h2>"
+            f"{summary_table(report['summary'])}{_METHOD}<h2>Spend over releases, per dataset</h2>{sections}"
+            f"<h2>Refused jobs</h2>{_refusals(report['refusals'])}")
+
+
+def render_html(report: dict) -> str:
+    """A self-contained HTML page (no scripts, nothing fetched) for the report data from :func:`build`."""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>voxgrid privacy report</title>'
-            f"<style>{_CSS}</style></head><body><h1>Privacy report</h1>"
-            f'<p class="meta">Generated {_when(report["generated_at"])} UTC from this node\'s privacy ledger.</p>'
-            f"{_alerts(report)}<h2>Summary per dataset and scientist</h2>{_summary_table(report['summary'])}"
-            f"{_METHOD}<h2>Spend over releases, per dataset</h2>{sections}"
-            f"<h2>Refused jobs</h2>{_refusals(report['refusals'])}</body></html>")
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f'<body><main class="report">{render_body(report)}</main></body></html>')
 
 
 def write(ledger: Ledger, out: Path) -> tuple[Path, Path]:

@@ -27,6 +27,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .accountant import GaussianEvent
+from .calibration import noise_for_target
+
+#: Most augmented patches per patient a DP-SGD step may average (K; each is a forward/backward pass).
+MAX_AUGMENTATION_MULTIPLICITY = 32
 
 #: Two updates clipped to L2 norm C differ by at most 2C whatever one patient changes (added,
 #: removed or replaced), so the L2 sensitivity of a clipped update is 2C, not C.
@@ -99,19 +103,42 @@ class DPSGD(_Filter):
 
     The unit of privacy is the patient. Each optimiser step Poisson-samples the train split's
     patients, each independently with probability ``q`` (``sample_rate``, or ``batch_size /
-    patients`` when not given), and each sampled patient contributes one random patch of one of
-    its volumes, so a per-sample gradient is a per-patient gradient. Each is clipped to L2 norm
-    ``max_grad_norm``; N(0, (noise_multiplier * max_grad_norm)^2) is added to their sum. The
-    job is ``steps`` = ``local_epochs * (steps_per_epoch or ceil(1 / q))`` such steps: one
-    accountant event (noise_multiplier, q, steps), the sampled Gaussian of Abadi et al. 2016.
+    patients`` when not given), and each sampled patient contributes ``augmentation_multiplicity``
+    (K) random patches of one of its volumes, whose gradients are averaged into that patient's one
+    gradient (De et al. 2022), so a per-sample gradient is a per-patient gradient whatever K is.
+    Each is clipped to L2 norm ``max_grad_norm``; N(0, (sigma * max_grad_norm)^2) is added to
+    their sum. The job is ``steps`` = ``local_epochs * (steps_per_epoch or ceil(1 / q))`` such
+    steps: one accountant event (sigma, q, steps), the sampled Gaussian of Abadi et al. 2016.
+
+    sigma is ``noise_multiplier`` as given, or derived from the privacy target: with
+    ``target_epsilon`` and ``rounds`` (the train releases the target covers, e.g. an experiment's
+    rounds), sigma is the smallest multiplier whose RDP epsilon over ``rounds`` jobs' steps is at
+    most ``target_epsilon`` at ``delta`` (:func:`.calibration.noise_for_target`). The node derives
+    it itself from its own patients and the plan's schedule; it never takes the scientist's figure.
     """
 
     mechanism: Literal["dp_sgd"]
-    noise_multiplier: float = Field(gt=0, description="noise std divided by max_grad_norm (unitless)")
+    noise_multiplier: float | None = Field(None, gt=0, description="noise std divided by max_grad_norm "
+                                           "(unitless); None: derived from target_epsilon")
+    target_epsilon: float | None = Field(None, gt=0, le=100, description="epsilon the planned rounds may spend "
+                                         "together (DP-SGD updates only; noised metrics are accounted on top)")
+    rounds: int | None = Field(None, ge=1, le=10_000, description="train releases target_epsilon covers")
     max_grad_norm: float = Field(gt=0, description="L2 bound of one patient's gradient per step")
     delta: float = Field(gt=0, lt=1, description="the delta the receipt's epsilon is stated at")
     sample_rate: float | None = Field(None, gt=0, le=1, description="Poisson rate q per step; "
                                       "None: plan batch_size / patients (capped at 1)")
+    augmentation_multiplicity: int = Field(1, ge=1, le=MAX_AUGMENTATION_MULTIPLICITY, description=(
+        "K: augmented patches per sampled patient, averaged before clipping (accounting unchanged)"))
+
+    @model_validator(mode="after")
+    def _noise_or_target(self) -> DPSGD:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or target_epsilon (the node derives the noise "
+                             "multiplier from target_epsilon, delta and the rounds planned)")
+        if (self.target_epsilon is None) != (self.rounds is None):
+            raise ValueError("target_epsilon needs rounds (the train releases it covers), and rounds only "
+                             "goes with target_epsilon")
+        return self
 
     def schedule(self, ctx: TrainingContext) -> tuple[float, int]:
         """(q, steps) of one job with this filter in ``ctx``; the trainer runs exactly this."""
@@ -119,10 +146,17 @@ class DPSGD(_Filter):
         per_epoch = ctx.steps_per_epoch or math.ceil(1 / q)
         return q, ctx.local_epochs * per_epoch
 
-    def event(self, ctx: TrainingContext) -> GaussianEvent:
-        """Sensitivity is max_grad_norm (add/remove one patient), so the multiplier is used as given."""
+    def sigma(self, ctx: TrainingContext) -> float:
+        """The noise multiplier a job in ``ctx`` runs with (given, or derived from the target)."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
         q, steps = self.schedule(ctx)
-        return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=q, steps=steps)
+        return noise_for_target(self.target_epsilon, self.delta, q, steps * self.rounds)
+
+    def event(self, ctx: TrainingContext) -> GaussianEvent:
+        """Sensitivity is max_grad_norm (add/remove one patient), so the multiplier is used as is."""
+        q, steps = self.schedule(ctx)
+        return GaussianEvent(noise_multiplier=self.sigma(ctx), sample_rate=q, steps=steps)
 
 
 Filter = Annotated[GaussianUpdate | Percentile | DPSGD, Field(discriminator="mechanism")]
@@ -172,6 +206,15 @@ class PrivacySpec(_Filter):
         """Whether the chain is differentially private (it is iff it adds Gaussian noise)."""
         return self.noise is not None
 
+    def noise_multiplier(self, context: TrainingContext | None = None) -> float | None:
+        """The chain's noise multiplier (None if not DP); a DP-SGD target needs ``context`` to derive it."""
+        if self.dp_sgd is not None:
+            if self.dp_sgd.noise_multiplier is None and context is None:
+                raise ValueError("a 'dp_sgd' target_epsilon is met by a noise multiplier that depends on the dataset "
+                                 "and the plan: pass a TrainingContext")
+            return self.dp_sgd.sigma(context) if context is not None else self.dp_sgd.noise_multiplier
+        return self.gaussian.noise_multiplier if self.gaussian else None
+
     @property
     def delta(self) -> float | None:
         """The delta epsilons of this chain are stated at (None if not DP)."""
@@ -196,7 +239,7 @@ class PrivacySpec(_Filter):
         if self.dp_sgd is not None and context is not None:
             q, steps = self.dp_sgd.schedule(context)
             out[0] = {**out[0], "sample_rate": q, "steps": steps, "patients": context.patients,
-                      "unit": "patient"}
+                      "unit": "patient", "noise_multiplier": self.dp_sgd.sigma(context)}
         return out
 
 

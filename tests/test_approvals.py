@@ -7,19 +7,17 @@ import sqlite3
 import subprocess
 import sys
 
-import nibabel as nib
-import numpy as np
 import pytest
-from homes import node_home, serving, wait_job
+from homes import cube_volumes, node_home, serving, wait_job
 
-from voxgrid import Experiment, tensors, unet_plan
+from voxgrid import ApprovalsNotGranted, Experiment, tensors, unet_plan
 from voxgrid.cli import main
 from voxgrid.client import AccessRefused, ConflictError, NodeClient, NotFoundError, RequestRefused
 from voxgrid.experiment import RoundFailed
 from voxgrid.nodes.ops import admin
 from voxgrid.nodes.ops.approvals_cli import hash_blocks
 from voxgrid.nodes.service.home import Home
-from voxgrid.nodes.service.store import NodeStore, VolumeRecord
+from voxgrid.nodes.service.store import NodeStore
 from voxgrid.plan import initial_weights
 from voxgrid.pointers import DatasetPointer
 from voxgrid.wire import JobRequest
@@ -30,20 +28,6 @@ def plan(lr=2e-3):
                      num_res_units=0, lr=lr, local_epochs=1, steps_per_epoch=1, batch_size=1, samples_per_volume=1)
 
 
-def volumes(folder) -> list[VolumeRecord]:
-    """Three 16^3 NIfTI volumes with a labelled cube: two train, one val."""
-    folder.mkdir()
-    out = []
-    for i, split in enumerate(["train", "train", "val"]):
-        image = np.random.default_rng(i).normal(0, 20, (16, 16, 16)).astype(np.float32)
-        label = np.zeros((16, 16, 16), np.uint8)
-        image[4:10, 4:10, 4:10] += 200
-        label[4:10, 4:10, 4:10] = 1
-        nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(label, np.eye(4)), folder / f"c{i}-label.nii.gz")
-        out.append(VolumeRecord(f"c{i}", str(folder / f"c{i}.nii.gz"), str(folder / f"c{i}-label.nii.gz"), "nifti",
-                                split))
-    return out
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -54,7 +38,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 @pytest.fixture
 def running(tmp_path):
     """A real node process whose dataset 'ct' is under review; yields (home, url, ca)."""
-    home = node_home(tmp_path, volumes=volumes(tmp_path / "data")).path
+    home = node_home(tmp_path, volumes=cube_volumes(tmp_path / "data")).path
     assert main(["node", "policy", "set", "--home", str(home), "--dataset", "ct", "--policy", "review"]) == 0
     with serving(home, tmp_path / "node.log") as (url, ca):
         yield home, url, ca
@@ -170,8 +154,18 @@ def _experiment(url, token, ca, owner):
         assert len(table) == 1 and table[0]["state"] == "pending" and "node-a" in repr(table)
         (pending,) = owner.owner_requests(state="pending")
         assert pending.purpose.startswith("pancreas") and pending.releases_asked == 2
+        with pytest.raises(ApprovalsNotGranted, match="still waiting for node-a after 0.3 s") as err:
+            exp.wait_for_approvals(timeout=0.3, poll=0.1)
+        assert err.value.table[0]["state"] == "pending"
         owner.approve(pending.request_id)
+        assert exp.wait_for_approvals(timeout=30, poll=0.1).approved
         assert exp.approvals()[0]["state"] == "approved (2 of 2 left)" and exp.approvals().approved
+        # an owner's no ends the wait at once, with the reason
+        other = Experiment(plan(lr=7e-3), [pointer], rounds=1, evaluate=False, job_timeout=60)
+        other.request_approval("a second look")
+        owner.deny(next(r.request_id for r in owner.owner_requests(state="pending")), "not for this cohort")
+        with pytest.raises(ApprovalsNotGranted, match=r"not approved at node-a \(denied: not for this cohort\)"):
+            other.wait_for_approvals(timeout=600, poll=0.1)
 
 
 def test_policy_cli_and_an_old_store_gains_the_tables(tmp_path, capsys):
@@ -181,10 +175,10 @@ def test_policy_cli_and_an_old_store_gains_the_tables(tmp_path, capsys):
         c.execute("DROP TABLE dataset_policies")
         c.execute("DROP TABLE approval_requests")
     store = NodeStore(db)
-    assert store.policy("ct") == "open"  # the default, for now
+    assert store.policy("ct") == "open"  # registered before policies: stays open, as it was
     store.close()
     assert main(["node", "policy", "show", "--home", str(home), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == [{"dataset": "ct", "policy": "open"}]
+    assert json.loads(capsys.readouterr().out) == [{"dataset": "ct", "policy": "open", "rules": None}]
     assert main(["node", "policy", "set", "--home", str(home), "--dataset", "ct", "--policy", "review"]) == 0
     assert main(["node", "policy", "set", "--home", str(home), "--dataset", "nope", "--policy", "review"]) == 2
     capsys.readouterr()
@@ -193,3 +187,4 @@ def test_policy_cli_and_an_old_store_gains_the_tables(tmp_path, capsys):
     assert main(["node", "requests", "list", "--home", str(home), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert hash_blocks("0123456789abcdef" * 4) == ["01234567 89abcdef 01234567 89abcdef"] * 2
+    assert hash_blocks("sha256:" + "0123456789abcdef" * 4) == hash_blocks("0123456789abcdef" * 4)  # as the console

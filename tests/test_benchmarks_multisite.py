@@ -31,6 +31,14 @@ def test_multisite_small(tmp_path):
     for label in ("FedAvg", "FedProx", "DWA", "DWA+DTP", "FedBN", "MT-heads"):
         assert f"{label} global best" in names and all(f"{label} local site-{s}" in names for s in "abc")
     assert all(f"FedBN+FT site-{s}" in names for s in "abc")  # fine-tuned after federation, one per site
+    assert "pooled" in names and "Cyclic global best" in names and all(f"Cyclic local site-{s}" in names for s in "abc")
+    ratios = res["runs"][0]["pooled_ratio"]
+    pooled_mean = next(m["average"]["mean"] for m in table["models"] if m["name"] == "pooled")
+    assert set(ratios) == {n for n in names if not n.startswith("local ") and n != "pooled"}
+    assert all(r["ratio"] == pytest.approx(r["mean"] / pooled_mean) for r in ratios.values())
+    assert proc.stdout.strip().splitlines()[-1].startswith("[multisite] best federated global model's mean Dice / pooled")
+    assert res["summary"]["best_global_vs_pooled"]["mean"] == pytest.approx(
+        max(r["ratio"] for n, r in ratios.items() if n.endswith("global best")))
     for m in table["models"]:
         assert not m["errors"], m
         assert set(m["dice"]) == set(table["sites"])
@@ -77,3 +85,56 @@ def test_summary_over_seeds_hand_computed():
     assert args.seeds == [3] and args.methods == ["FedBN+FT", "FedBN"]  # fine-tuning needs the FedBN run
     with pytest.raises(SystemExit):
         multisite.parse_args(["--seeds", "1", "1"])
+
+
+def _benchmark_module(name):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_pooled_baseline_trains_on_the_union_of_the_nodes_train_splits(tmp_path):
+    import dataclasses
+
+    import torch
+
+    import voxgrid
+    from voxgrid.datasets import default_sites
+    from voxgrid.nodes.local.federation import LocalFederation
+
+    pooled = _benchmark_module("pooled")
+    specs = default_sites(2, (16, 16, 16), n_volumes=4)
+    fed = LocalFederation.create(tmp_path, specs)  # homes and registries only: no process is started
+    plan = voxgrid.unet_plan(["background", "pancreas", "tumor"], patch_size=(16,) * 3, channels=(4, 8), strides=(2,),
+                             num_res_units=0, local_epochs=1, samples_per_volume=1)
+    data = pooled.pooled_data({s.name: p.home for s, p in zip(specs, fed.nodes, strict=True)}, plan)
+    assert {s: {k: len(v) for k, v in d.splits.items()} for s, d in data.items()} == \
+        {"site-a": {"train": 2, "val": 1, "test": 1}, "site-b": {"train": 2, "val": 1, "test": 1}}
+    assert data["site-a"].present == {1} and data["site-b"].present == {1, 2}
+    w, rnd, score, history = pooled.train_pooled(plan, data, rounds=2, seed=3)
+    assert len(history) == 2 and rnd in (0, 1) and score == max(h for h in history if h is not None) == history[rnd]
+    w0 = voxgrid.plan.initial_weights(plan, seed=3)
+    assert set(w) == set(w0) and any(not torch.equal(w[k], w0[k]) for k in w0)
+    again = pooled.train_pooled(plan, data, rounds=2, seed=3)  # same seed, same data: the same model
+    assert again[1] == rnd and all(torch.equal(again[0][k], w[k]) for k in w)
+    unlabelled = dataclasses.replace(specs[0], tumor=True)  # shows tumours it labels as background
+    with pytest.raises(ValueError, match="site-a.*background"):
+        pooled.check_poolable([unlabelled, specs[1]])
+    pooled.check_poolable(specs)
+
+
+def test_pooled_ratios_and_the_last_line():
+    multisite = _benchmark_module("multisite")
+    runs = [{"seed": 0, "pooled_ratio": {"FedAvg global best": {"mean": 0.49, "pooled": 0.5, "ratio": 0.98},
+                                         "Cyclic global best": {"mean": 0.45, "pooled": 0.5, "ratio": 0.9},
+                                         "FedAvg local site-a": {"mean": 0.6, "pooled": 0.5, "ratio": 1.2}}},
+            {"seed": 1, "pooled_ratio": {"FedAvg global best": {"mean": 0.4, "pooled": 0.5, "ratio": 0.8},
+                                         "Cyclic global best": {"mean": 0.5, "pooled": 0.5, "ratio": 1.0}}}]
+    frac = multisite.best_global_fraction(runs)
+    assert [(b["seed"], b["model"]) for b in frac["per_seed"]] == [(0, "FedAvg global best"), (1, "Cyclic global best")]
+    assert frac["mean"] == pytest.approx(0.99)  # local models are not global models: 1.2 does not count
+    line = multisite.render_fraction(frac)
+    assert line.startswith("[multisite] best federated global model's mean Dice / pooled model's: 0.990")
+    assert "seed 0: FedAvg 0.490 / 0.500 = 0.980" in line

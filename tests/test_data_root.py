@@ -46,7 +46,7 @@ def node(tmp_path, pki, sites):
 
 
 def _add(node, name, images, labels, **kw):
-    return admin.add_dataset(node["home"], name, images, labels, tags=["ct"], label_names=LABELS,
+    return admin.add_dataset(node["home"], name, images, labels, policy="open", tags=["ct"], label_names=LABELS,
                              splits=(0.34, 0.33, 0.33), **kw)
 
 
@@ -146,7 +146,7 @@ def test_without_data_roots_nothing_is_restricted(tmp_path, pki, sites):
     ca, cert = pki
     admin.init_home("node", tmp_path / "home", "n", ca_cert=ca.cert, cert=cert.cert, key=cert.key)
     assert admin.add_dataset(tmp_path / "home", "any", sites / "nifti" / "images", sites / "nifti" / "labels",
-                             tags=["ct"], label_names=LABELS, check=False)["volumes"] == 3
+                             policy="open", tags=["ct"], label_names=LABELS, check=False)["volumes"] == 3
 
 
 def test_a_data_root_must_exist(tmp_path, pki):

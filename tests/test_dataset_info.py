@@ -47,7 +47,7 @@ def _info(home, name) -> DatasetInfo:
 @pytest.mark.parametrize("check", [True, False])  # volumes read once, or headers only
 def test_ranges_are_published_from_nifti_and_dicom(node, fmt, check):
     name = f"{fmt}-{check}"
-    admin.add_dataset(node / "home", name, node / fmt / "images", node / fmt / "labels", tags=["ct"],
+    admin.add_dataset(node / "home", name, node / fmt / "images", node / fmt / "labels", policy="open", tags=["ct"],
                       label_names=LABELS, splits=(0.34, 0.33, 0.33), check=check)
     info = _info(node / "home", name)
     wire = json.loads(info.model_dump_json())
@@ -59,7 +59,7 @@ def test_ranges_are_published_from_nifti_and_dicom(node, fmt, check):
 def test_the_allowlist_holds_nothing_else(node):
     assert set(DatasetInfo.model_fields) == {"name", "description", "tags", "modality", "volumes", "label_names",
                                              "splits", "shape_range", "spacing_range"}
-    admin.add_dataset(node / "home", "phi", node / "dicom" / "images", node / "dicom" / "labels", tags=["ct"],
+    admin.add_dataset(node / "home", "phi", node / "dicom" / "images", node / "dicom" / "labels", policy="open", tags=["ct"],
                       label_names=LABELS, splits=(0.34, 0.33, 0.33))
     wire = json.loads(_info(node / "home", "phi").model_dump_json())
     for key in ("shape_range", "spacing_range"):  # two triples of plain numbers, no names, paths or tags
@@ -83,7 +83,7 @@ def test_a_store_from_before_the_ranges_still_works(tmp_path):
     try:
         info = store.dataset("old").info()
         assert info.shape_range is None and info.spacing_range is None and info.label_names[1] == "pancreas"
-        store.add_dataset("new", description="", tags=["#ct"], modality="CT", label_names=LABELS, volumes=[],
+        store.add_dataset("new", description="", policy="open", tags=["#ct"], modality="CT", label_names=LABELS, volumes=[],
                           shape_range=((1, 2, 3), (4, 5, 6)), spacing_range=((1.0, 1.0, 2.5), (1.0, 1.0, 5.0)))
         assert store.dataset("new").info().shape_range == ((1, 2, 3), (4, 5, 6))
     finally:

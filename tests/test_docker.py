@@ -49,10 +49,19 @@ def test_dockerfile_installs_with_the_tested_script(dockerfile):
     assert "bash scripts/install.sh .venv test" in (ROOT / "scripts" / "setup.sh").read_text()
 
 
-def test_node_image_is_cuda_based_and_starts_from_its_kit():
+def test_node_image_needs_no_cuda_base_and_starts_from_its_kit():
+    # torch's CUDA wheels bring their own runtime libraries (docker/README.md): a plain Python base
     text = (DOCKER / "node.Dockerfile").read_text()
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+runtime", text, re.M) and "FROM ${CUDA_IMAGE}" in text
+    assert "ARG BASE=python:3.11-slim-bookworm" in text and "FROM ${BASE}" in text and "nvidia/cuda" not in text
     assert 'CMD ["/kit/start.sh"]' in text and '"voxgrid", "node", "status"' in text
+
+
+@pytest.mark.parametrize("image", ["grid", "node", "jupyter"])
+def test_dependencies_install_before_the_source_is_copied(image):
+    # the layer cache: changing a source file must not reinstall torch and the rest
+    lines = (DOCKER / f"{image}.Dockerfile").read_text().splitlines()
+    deps = next(i for i, line in enumerate(lines) if "VOXGRID_DEPS_ONLY=1" in line)
+    assert deps < min(i for i, line in enumerate(lines) if line.startswith(("COPY voxgrid", "COPY README")))
 
 
 def test_build_context_never_carries_kits_or_data():
@@ -96,9 +105,14 @@ def test_compose_healthchecks_use_voxgrid_status(compose):
 def test_gpu_override_reserves_gpus_for_nodes_only():
     gpu = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())
     assert set(gpu["services"]) == set(NODES)
+    defaults = []
     for svc in gpu["services"].values():
         (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert "count" not in device  # count: all would put every node on every GPU, all starting on GPU 0
+        for gpu_id in device["device_ids"]:  # "${VOXGRID_GPU_A:-0}": an id the owner may set, with a default
+            defaults.append(gpu_id.split(":-")[1].rstrip("}") if gpu_id.startswith("${") else gpu_id)
+    assert len(defaults) == len(set(defaults)) == len(NODES)  # by default each node its own GPU
 
 
 def test_compose_project_file_provisions_the_mounted_kits(compose, tmp_path):

@@ -219,7 +219,7 @@ def test_a_job_on_damaged_data_fails_without_leaking_paths_or_uids(federation, t
     src = federation.root / "data" / "site-a"
     shutil.copytree(src, tmp_path / "copy")
     admin.add_dataset(federation.nodes[0].home, "damaged", tmp_path / "copy" / "images", tmp_path / "copy" / "labels",
-                      tags=["ct", "damaged"], label_names={1: "pancreas"}, splits=(0.5, 0.25, 0.25))
+                      policy="open", tags=["ct", "damaged"], label_names={1: "pancreas"}, splits=(0.5, 0.25, 0.25))
     for f in sorted((tmp_path / "copy" / "images").rglob("*.dcm"))[::7]:
         f.write_bytes(f.read_bytes()[:300])  # truncated after registration, as a failing disk would
     direct = voxgrid.connect(nodes=[federation.nodes[0].url], token=federation.scientist_token, ca=federation.ca_cert)

@@ -67,11 +67,11 @@ def fed(tmp_path_factory):
     fed = LocalFederation.create(root, default_sites(n_sites=1, shape=(32, 32, 32), n_volumes=2))
     phi = _write_phi_site(root / "phi")
     home = fed.nodes[0].home
-    admin.add_dataset(home, "phi-ct", root / "phi" / "images", root / "phi" / "labels", tags=["ct", "phi"],
+    admin.add_dataset(home, "phi-ct", root / "phi" / "images", root / "phi" / "labels", policy="open", tags=["ct", "phi"],
                       label_names={1: "pancreas", 2: "tumor"}, splits=(0.34, 0.33, 0.33))
     shutil.copytree(root / "phi", root / "damaged")
     admin.add_dataset(home, "phi-damaged", root / "damaged" / "images", root / "damaged" / "labels",
-                      tags=["ct", "damaged"], label_names={1: "pancreas", 2: "tumor"}, splits=(0.34, 0.33, 0.33))
+                      policy="open", tags=["ct", "damaged"], label_names={1: "pancreas", 2: "tumor"}, splits=(0.34, 0.33, 0.33))
     for f in sorted((root / "damaged" / "images").rglob("*.dcm"))[::5]:
         f.write_bytes(f.read_bytes()[:400])  # a failing disk after registration
     admin.set_budget(home, "phi-ct", 50.0, 1e-4)

@@ -110,7 +110,7 @@ def test_a_node_cut_off_mid_round_is_dropped_and_rejoins_the_next_round(lab, tmp
         gtoken = tmp_path / "certs" / f"{role}.grid.token"
         admin.issue_token(ghome, "grid", role, "node", gtoken)
         admin.set_grid(home, grid_url, gtoken)
-        admin.add_dataset(home, site.name, data / "images", data / "labels", tags=["ct", "pancreas"],
+        admin.add_dataset(home, site.name, data / "images", data / "labels", policy="open", tags=["ct", "pancreas"],
                           label_names=dict(site.labels), splits=(0.5, 0.25, 0.25))
         admin.issue_token(home, "node", "scientist", "scientist", token_file)
 

@@ -194,7 +194,7 @@ def _make_node_homes(lab: Lab, tmp_path: Path, ca, ghome: Path, grid_url: str, t
     for role, site, data, p in inits:  # both at once: the CLI takes seconds to start on a busy machine
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out
-        admin.add_dataset(homes[role], site.name, data / "images", data / "labels", tags=["ct", "pancreas"],
+        admin.add_dataset(homes[role], site.name, data / "images", data / "labels", policy="open", tags=["ct", "pancreas"],
                           label_names=dict(site.labels), splits=(0.5, 0.25, 0.25))
         admin.issue_token(homes[role], "node", "scientist", "scientist", token_file)
     cfg = {role: Home(home).load() for role, home in homes.items()}

@@ -60,6 +60,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     # both refusals were shown
     assert "stay at node" in everything and "never release voxels" in everything
     assert "is not an allowed network" in everything
-    # the Dice table
+    # the Dice table, the picture of Dice per site over rounds, and the cross-site table
     assert "global model Dice" in everything
+    svgs = [o["data"]["image/svg+xml"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.get("output_type") in ("display_data", "execute_result") and "image/svg+xml" in o.get("data", {})]
+    assert len(svgs) == 1 and svgs[0].count('class="site"') == 3, svgs
+    assert "Dice on each site's test split" in everything and "initial weights" in everything
     assert "mean test Dice: round 0" in everything

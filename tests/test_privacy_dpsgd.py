@@ -169,7 +169,7 @@ def test_patients_are_stored_and_kept_in_one_split(tmp_path):
     cases = [f"s-{i:03d}" for i in range(6)]
     patients = {c: f"P{i // 2}" for i, c in enumerate(cases)}
     admin.add_dataset(tmp_path / "home", "ct", tmp_path / "site" / "images", tmp_path / "site" / "labels",
-                      tags=["ct"], label_names={1: "pancreas"}, patients=patients, check=False)
+                      policy="open", tags=["ct"], label_names={1: "pancreas"}, patients=patients, check=False)
     store = NodeStore(Home(tmp_path / "home").db_file)
     vols = store.dataset("ct").volumes
     store.close()
@@ -178,4 +178,4 @@ def test_patients_are_stored_and_kept_in_one_split(tmp_path):
         assert len({v.split for v in vols if v.patient == p}) == 1
     with pytest.raises(ValueError, match="no volume with case id nope"):
         admin.add_dataset(tmp_path / "home", "ct2", tmp_path / "site" / "images", tmp_path / "site" / "labels",
-                          tags=["ct"], label_names={1: "pancreas"}, patients={"nope": "P"}, check=False)
+                          policy="open", tags=["ct"], label_names={1: "pancreas"}, patients={"nope": "P"}, check=False)

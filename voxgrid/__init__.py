@@ -21,10 +21,12 @@ from voxgrid.client import (AccessRefused, AuthError, GridClient, NodeClient, No
 from voxgrid.baselines import LocalBaselines, finetune
 from voxgrid.evaluation import CrossSiteTable, cross_site_evaluation
 from voxgrid.experiment import Experiment, RoundFailed
+from voxgrid.approvals import ApprovalsNotGranted
 from voxgrid.plan import Plan, PlanError, unet_plan
 from voxgrid.pointers import DatasetPointer, Grid, PointerList
+from voxgrid.pretrain import pretrain
 from voxgrid.selection import SelectedModel
-from voxgrid.strategies import (DWA, FedAdam, FedAvg, FedAvgDice, FedBN, FedProx, FedYogi, Median, Strategy,
+from voxgrid.strategies import (DWA, Cyclic, FedAdam, FedAvg, FedAvgDice, FedBN, FedProx, FedYogi, Median, Strategy,
                                 TrimmedMean)
 
 
@@ -50,8 +52,8 @@ def connect(grid_url: str | None = None, *, token: str | Path, ca: str | Path | 
     return Grid(grid, token, ca, nodes={u: u for u in nodes or []}, tokens=tokens, timeout=timeout)
 
 
-__all__ = ["connect", "Grid", "Plan", "PlanError", "unet_plan", "Experiment", "RoundFailed", "Strategy", "FedAvg",
-           "FedAvgDice", "FedProx", "FedAdam", "FedYogi", "DWA", "FedBN", "Median", "TrimmedMean", "LocalBaselines", "finetune",
+__all__ = ["connect", "Grid", "Plan", "PlanError", "unet_plan", "pretrain", "Experiment", "RoundFailed", "ApprovalsNotGranted", "Strategy", "FedAvg",
+           "FedAvgDice", "FedProx", "FedAdam", "FedYogi", "DWA", "FedBN", "Cyclic", "Median", "TrimmedMean", "LocalBaselines", "finetune",
            "SelectedModel", "CrossSiteTable", "cross_site_evaluation",
            "DatasetPointer", "PointerList", "NodeClient", "GridClient", "VoxgridError", "RemoteError", "AuthError",
            "AccessRefused", "NotFoundError", "RequestRefused", "Unreachable", "__version__"]

@@ -2,12 +2,14 @@
 
 A dataset whose owner set the ``review`` policy runs only plans the owner approved (for a number of jobs,
 until an expiry). :meth:`voxgrid.Experiment.request_approval` asks every site of an experiment;
-:meth:`voxgrid.Experiment.approvals` re-reads where each request stands.
+:meth:`voxgrid.Experiment.approvals` re-reads where each request stands, and
+:meth:`voxgrid.Experiment.wait_for_approvals` waits for every owner's decision.
 """
 
 from __future__ import annotations
 
 import html
+import time
 
 from voxgrid.client import VoxgridError
 from voxgrid.wire import ApprovalRequestInfo
@@ -80,6 +82,33 @@ def approvals(pointers, plan_hash: str) -> ApprovalTable:
         except VoxgridError as exc:
             table.append(_row(p.node, p.name, None, str(exc)))
     return table
+
+
+class ApprovalsNotGranted(VoxgridError):
+    """Not every site approved: one denied or revoked (raised at once), or the wait timed out. ``table``:
+    where each site stands."""
+
+    def __init__(self, message: str, table: ApprovalTable):
+        super().__init__(f"{message}\n{table!r}")
+        self.table = table
+
+
+def wait(pointers, plan_hash: str, timeout: float, poll: float = 10.0) -> ApprovalTable:
+    """The approvals table once every site approved the plan; :class:`ApprovalsNotGranted` at once when
+    a site denied or revoked it (an owner's no does not turn into a yes by waiting), or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = approvals(pointers, plan_hash)
+        if table.approved:
+            return table
+        refused = [f"{r['node']} ({r['state']}: {r['reason'] or 'no reason given'})" for r in table
+                   if r["state"] in ("denied", "revoked")]
+        if refused:
+            raise ApprovalsNotGranted(f"not approved at {', '.join(refused)}", table)
+        if time.monotonic() + poll > deadline:
+            waiting = [r["node"] for r in table if not r["state"].startswith("approved (")]
+            raise ApprovalsNotGranted(f"still waiting for {', '.join(waiting)} after {timeout:g} s", table)
+        time.sleep(poll)
 
 
 def _best(requests: list[ApprovalRequestInfo]) -> ApprovalRequestInfo | None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from voxgrid.pki import client_ssl_context
 from voxgrid.privacy import BudgetStatus
-from voxgrid.wire import ApprovalDecision, ApprovalRequestCreate, ApprovalRequestInfo
+from voxgrid.wire import ApprovalDecision, ApprovalRequestCreate, ApprovalRequestInfo, PolicyInfo, PolicyRules, PolicySet
 from voxgrid.wire import (API_PREFIX, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
                           EstimateRequest, Health, JobRequest, LinkStatus, JobStatus, LedgerView, NodeInfo, NodeRegistration,
                           Problem, RevealedShare, RevealRequest, SearchResponse, SecAggKeysRequest, SecAggMaskedRequest,
@@ -298,9 +298,19 @@ class NodeClient(_Client):
         return self._post(f"/owner/requests/{request_id}/deny", ApprovalDecision(reason=reason), ApprovalRequestInfo)
 
     def revoke_approval(self, request_id: str, reason: str | None = None) -> ApprovalRequestInfo:
-        """Owner: revoke an approval; later jobs are refused, jobs already accepted finish."""
+        """Owner: revoke an approval; later jobs are refused, its queued and running jobs are stopped."""
         return self._post(f"/owner/requests/{request_id}/revoke", ApprovalDecision(reason=reason),
                           ApprovalRequestInfo)
+
+    def policies(self) -> list[PolicyInfo]:
+        """Owner: each dataset's policy (and a 'rules' one's rules)."""
+        return self._call("GET", "/owner/policies", list[PolicyInfo])
+
+    def set_policy(self, dataset: str, policy: str, rules: PolicyRules | None = None) -> PolicyInfo:
+        """Owner: set a dataset's policy: 'open', 'review' or 'rules' (with ``rules``, else the defaults)."""
+        return self._call("PUT", f"/owner/policies/{dataset}", PolicyInfo,
+                          content=PolicySet(policy=policy, rules=rules).model_dump_json(),
+                          headers={"Content-Type": "application/json"})
 
 
 class GridClient(_Client):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from voxgrid import tensors
 from voxgrid.jobs import JOB_ERRORS, JobRunner, across_nodes, describe
 from voxgrid.pointers import DatasetPointer
-from voxgrid.selection import SelectedModel, mean_score
+from voxgrid.selection import SelectedModel, dice_noise_sd, mean_score
 from voxgrid.wire import JobRequest
 
 AVERAGE = "average"
@@ -38,6 +38,8 @@ class CrossSiteTable:
     models: list[SelectedModel]
     dice: dict[str, dict[str, dict[str, float | None]]]  # model name -> site -> class -> Dice
     errors: dict[str, dict[str, str]]  # model name -> site -> why it has no score
+    #: site -> std of the Gaussian noise the node added to each released Dice (a privacy budget applies there)
+    noise_sd: dict[str, float] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -80,7 +82,15 @@ class CrossSiteTable:
             lines.append(f"{m.name:<{name_w}}{cells}")
         for name, errs in self.errors.items():
             lines += [f"  {name} at {s}: {e}"[:160] for s, e in errs.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + self.noise_notes())
+
+    def noise_notes(self) -> list[str]:
+        """Lines saying which Dice (and which selections) are noised, and by how much; none without noise."""
+        notes = [f"note: Dice at {s} is noised by its node (privacy budget): Gaussian, std {sd:.3f} per class; "
+                 "differences within about 2 std are noise" for s, sd in sorted(self.noise_sd.items())]
+        notes += [f"note: {m.name} was selected by validation Dice noised at the nodes (std up to {m.noise_sd:.3f})"
+                  for m in self.models if m.noise_sd]
+        return notes
 
     __str__ = render
 
@@ -91,7 +101,8 @@ class CrossSiteTable:
         return {"split": self.split, "sites": self.sites, "site_classes": self.site_classes,
                 "models": [{"name": m.name, "experiment_id": m.experiment_id, "round": m.round, "score": m.score,
                             "site": m.site, "dice": self.dice[m.name], "average": self.average(m.name),
-                            "errors": self.errors.get(m.name, {})} for m in self.models]}
+                            "errors": self.errors.get(m.name, {}), "selection_noise_sd": m.noise_sd}
+                           for m in self.models], "noise_sd": self.noise_sd}
 
 
 def cross_site_evaluation(models: Sequence[SelectedModel], pointers: Sequence[DatasetPointer], *,
@@ -111,23 +122,25 @@ def cross_site_evaluation(models: Sequence[SelectedModel], pointers: Sequence[Da
     runner = JobRunner(job_timeout)  # each model's weights go to each node once, whatever its datasets
 
     def at_site(p: DatasetPointer):
-        scores, errors = {}, {}
+        scores, errors, noise = {}, {}, 0.0
         for m, blob in zip(models, blobs, strict=True):
             req = JobRequest(kind="evaluate", experiment_id=m.experiment_id, round=m.round, dataset=p.name,
                              plan=m.plan.model_dump(mode="json"), plan_hash=m.plan.content_hash,
                              weights_id=tensors.digest(blob), split=split, evaluate=False, seed=seed)
             try:
-                scores[m.name] = dict(runner.run(p, req, blob).metrics.dice)
+                st = runner.run(p, req, blob)
+                scores[m.name], noise = dict(st.metrics.dice), max(noise, dice_noise_sd(st.privacy) or 0.0)
             except JOB_ERRORS as exc:
                 scores[m.name], errors[m.name] = {}, describe(exc)
-        return scores, errors
+        return scores, errors, noise
 
     results = across_nodes(at_site, pointers)
     dice = {m.name: {s: r[0][m.name] for s, r in zip(sites, results, strict=True)} for m in models}
     errors = {}
-    for s, (_, errs) in zip(sites, results, strict=True):
+    for s, (_, errs, _) in zip(sites, results, strict=True):
         for name, e in errs.items():
             errors.setdefault(name, {})[s] = e
     site_classes = {s: [c for c in p.info.label_names[1:] if c in models[0].plan.labels]
                     for s, p in zip(sites, pointers, strict=True)}
-    return CrossSiteTable(split, sites, site_classes, list(models), dice, errors)
+    noise_sd = {s: r[2] for s, r in zip(sites, results, strict=True) if r[2] > 0}
+    return CrossSiteTable(split, sites, site_classes, list(models), dice, errors, noise_sd)

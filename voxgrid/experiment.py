@@ -16,6 +16,7 @@ from pathlib import Path
 
 from voxgrid import checkpoints, reports, tensors
 from voxgrid.approvals import ApprovalTable, approval_hint, approvals, request_approval
+from voxgrid.approvals import wait as wait_approvals
 from voxgrid.client import VoxgridError
 from voxgrid.jobs import JOB_ERRORS, JobRunner, Ticket, across_nodes, describe
 from voxgrid.plan import Plan, initial_weights
@@ -23,7 +24,8 @@ from voxgrid.pointers import DatasetPointer
 from voxgrid.privacy import PrivacySpec
 from voxgrid.reports import RoundResult, SiteResult
 from voxgrid.secure import check_secure, round_config, secure_round
-from voxgrid.selection import ModelSelection, mean_score
+from voxgrid.selection import ModelSelection, dice_noise_sd, mean_score
+from voxgrid.sequential import sequential_round
 from voxgrid.strategies import ClientUpdate, FedAvg, Strategy
 from voxgrid.tensors import StateDict
 from voxgrid.wire import NAME_RE, JobRequest, JobStatus, SecureAggregation
@@ -83,6 +85,9 @@ class Experiment:
         if spec is not None and spec.gaussian is not None and spec.gaussian.distributed and not secure_aggregation:
             raise ValueError("plan.privacy: a distributed 'gaussian_update' adds only a share of the noise at each "
                              "node, so it needs secure_aggregation=True")
+        if spec is not None and spec.dp_sgd is not None and (spec.dp_sgd.rounds or rounds) < rounds:
+            raise ValueError(f"plan.privacy.rounds: the target epsilon covers {spec.dp_sgd.rounds} rounds but the "
+                             f"experiment runs {rounds}, which would spend past it: set rounds to at least {rounds}")
         self.secure_aggregation = secure_aggregation
         self.secure_neighbours = secure_neighbours
         self.threshold = (check_secure(self.strategy, self.pointers, threshold, secure_neighbours)
@@ -156,6 +161,8 @@ class Experiment:
 
     def _plain_round(self, rnd: int) -> list[tuple[JobStatus | None, str | None]]:
         """Every node's update is downloaded and the strategy aggregates them."""
+        if self.strategy.sequential:  # cyclic: the model visits the sites in turn, no aggregation
+            return sequential_round(self, rnd)
         blob, wid = self._global_blob()
         trained = across_nodes(lambda p: self._train_one(p, rnd, blob, wid), self.pointers)
         outcomes = [(st, err) for st, _, err in trained]
@@ -224,25 +231,30 @@ class Experiment:
 
     def _score(self, rnd: int, sites: list[SiteResult], split: str = "test") -> None:
         blob, wid = self._global_blob()
+        noise: list[float] = []  # the std each node added to its Dice (budgeted datasets), for selection's output
 
         def one(p: DatasetPointer):
             try:
                 st = self._await(p, self._job(p, rnd, wid, "evaluate", split=split), blob)
+                noise.append(dice_noise_sd(st.privacy) or 0.0)
                 return dict(st.metrics.dice)
             except JOB_ERRORS:
                 return {}
 
         for site, dice in zip(sites, across_nodes(one, self.pointers), strict=True):
             setattr(site, "test_dice" if split == "test" else "global_val_dice", dice)
+        self._score_noise_sd = max(noise, default=0.0)
 
     def _select(self, rnd: int, sites: list[SiteResult]) -> None:
         """Score the new global model on every site's val split; keep it if it is the best so far."""
         if len(self.pointers) == 1 and type(self.strategy) is FedAvg:
             sites[0].global_val_dice = dict(sites[0].val_dice)  # one site: the global model is its local one
+            self._score_noise_sd = dice_noise_sd(sites[0].privacy) or 0.0
         else:
             self._score(rnd, sites, split="val")
         self.selection.observe_global(rnd, self.global_weights,
-                                      {s.site: mean_score(s.global_val_dice) for s in sites if s.ok})
+                                      {s.site: mean_score(s.global_val_dice) for s in sites if s.ok},
+                                      noise_sd=self._score_noise_sd)
 
     # privacy (voxgrid.reports) -------------------------------------------------------------------
     def privacy_estimate(self, rounds: int | None = None):
@@ -251,7 +263,7 @@ class Experiment:
         Returns a DataFrame: one row per site with mechanism, epsilon per release, the projected total
         and each budget's remaining epsilon (nodes refuse a job that would exceed a budget).
         """
-        releases = (self.rounds if rounds is None else rounds) - len(self.history)
+        releases = ((self.rounds if rounds is None else rounds) - len(self.history)) * self.strategy.train_jobs_per_round()
         return reports.privacy_estimate(self.pointers, self.plan, releases)
 
     def privacy_summary(self):
@@ -266,12 +278,18 @@ class Experiment:
         round). Returns one row per site: node, dataset, state, since, reason."""
         if releases is None:
             rounds = max(self.rounds - len(self.history), 1)
-            releases = rounds * (1 + int(self.evaluate) + int(self.select))
+            releases = rounds * (self.strategy.train_jobs_per_round() + int(self.evaluate) + int(self.select))
         return request_approval(self.pointers, self.plan, purpose, releases)
 
     def approvals(self) -> ApprovalTable:
         """Where this plan's requests stand at every site (re-read from the nodes)."""
         return approvals(self.pointers, self.plan.content_hash)
+
+    def wait_for_approvals(self, timeout: float = 3600.0, poll: float = 10.0) -> ApprovalTable:
+        """Wait until every site's owner approved this plan; returns the table. Raises
+        :class:`~voxgrid.approvals.ApprovalsNotGranted` (with ``.table``) at once when an owner denied or
+        revoked it, or after ``timeout`` seconds."""
+        return wait_approvals(self.pointers, self.plan.content_hash, timeout, poll)
 
     # reading results (voxgrid.reports) -----------------------------------------------------------
     def history_frame(self):

@@ -331,10 +331,15 @@ def unet_plan(
     strides: Sequence[int] = (2, 2, 2),
     num_res_units: int = 2,
     lr: float = 2e-3,
+    norm: Literal["instance", "group", "batch"] = "instance",
+    norm_groups: int = 2,
     **overrides: Any,
 ) -> Plan:
     """A sensible CT segmentation plan: 3-D UNet, Dice+CE, Adam, HU window [-200, 300] -> [0, 1].
 
+    ``norm``: the UNet's normalisation; ``"group"`` (``norm_groups`` groups, which must divide every
+    normalised channel count, including the classes' with residual units) is the usual choice for DP-SGD (per-sample, no running statistics: De et al. 2022),
+    ``"instance"`` MONAI's default; batch norm is refused under DP-SGD (:func:`dp_sgd_problems`).
     ``overrides`` replace any other Plan field (``local_epochs``, ``augmentation``, ``loss``, ...).
     """
     fields: dict[str, Any] = {
@@ -347,6 +352,8 @@ def unet_plan(
             "channels": list(channels),
             "strides": list(strides),
             "num_res_units": num_res_units,
+            # Only when not MONAI's default (instance), so existing plans keep their hash.
+            **({} if norm == "instance" else {"norm": norm if norm == "batch" else ["group", {"num_groups": norm_groups}]}),
         },
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
         "optimizer": {"_target_": "Adam", "lr": lr},
@@ -367,7 +374,15 @@ def unet_plan(
         "samples_per_volume": 4,
     }
     fields.update(overrides)
-    return Plan(**fields)
+    plan = Plan(**fields)
+    if norm == "group":  # MONAI checks the groups only when it builds the layers: build it, on no memory
+        try:
+            with torch.device("meta"):
+                build_network(plan)
+        except ValueError as exc:
+            raise PlanError(f"norm_groups={norm_groups} must divide every normalised channel count (channels "
+                            f"{list(channels)}, and the {len(labels)} classes with residual units): {exc}") from None
+    return plan
 
 
 def _resolve(kind: str, spec: dict, where: str, supplied: dict[str, str] | None = None) -> tuple[type, dict]:

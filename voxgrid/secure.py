@@ -35,12 +35,17 @@ CLIP = 100.0
 BITS = 32
 
 
+class SecureAggregationRefused(ValueError):
+    """The experiment cannot run under secure aggregation; the message names the strategy and says why."""
+
+
 def check_secure(strategy, pointers: Sequence[DatasetPointer], threshold: int | None,
                  neighbours: int | None = None) -> int:
     """Refuse what secure aggregation cannot do; returns the threshold (default: a majority of each
     node's group, at least 2). ``neighbours``: SecAgg+ graph degree (even), None for the complete graph."""
     if strategy.secure_weight is None:
-        raise ValueError(f"strategy {strategy.name!r} cannot run with secure aggregation: {strategy.secure_refusal}")
+        raise SecureAggregationRefused(f"strategy {strategy.name!r} cannot run with secure aggregation: "
+                                       f"{strategy.secure_refusal}")
     nodes = [p.node for p in pointers]
     if len(nodes) < 2:
         raise ValueError("secure aggregation needs at least 2 nodes: with one, the sum is that node's update")

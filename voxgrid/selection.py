@@ -34,6 +34,19 @@ class SelectedModel:
     round: int
     score: float | None = None  # the validation score it was selected by
     site: str | None = None  # the site whose local model it is (FL local, local baselines)
+    #: the largest std of the noise the nodes added to the validation Dice it was selected by (None: not noised)
+    noise_sd: float | None = None
+
+
+def dice_noise_sd(receipt) -> float | None:
+    """Std of the Gaussian noise a node added to each Dice of a job (from its privacy receipt, a
+    :class:`voxgrid.privacy.records.Receipt`, its dict, or None); None when the Dice was released unnoised."""
+    from voxgrid.privacy.metrics import MetricsRelease
+
+    if receipt is None:
+        return None
+    release = MetricsRelease.in_parameters(receipt["parameters"] if isinstance(receipt, dict) else receipt.parameters)
+    return release.std if release is not None and release.dice == "noised" else None
 
 
 def mean_score(values: Mapping[str, float | None] | Sequence[float | None]) -> float | None:
@@ -60,11 +73,15 @@ class ModelSelection:
                 self.best_local[u.site] = SelectedModel(f"FL local ({u.site})", apply_delta(start, u.delta), self.plan,
                                                         self.experiment_id, rnd, score, u.site)
 
-    def observe_global(self, rnd: int, weights: StateDict, site_scores: Mapping[str, float | None]) -> None:
-        """The global model after round ``rnd`` and its val mean Dice per site."""
+    def observe_global(self, rnd: int, weights: StateDict, site_scores: Mapping[str, float | None],
+                       noise_sd: float | None = None) -> None:
+        """The global model after round ``rnd`` and its val mean Dice per site; ``noise_sd``: the largest std
+        of the noise the nodes added to those scores (a noised score still selects: the choice is
+        post-processing of released figures, only less sure)."""
         score = mean_score(site_scores)
         if score is not None and (self.best_global is None or score > self.best_global.score):
-            self.best_global = SelectedModel("FL global best", dict(weights), self.plan, self.experiment_id, rnd, score)
+            self.best_global = SelectedModel("FL global best", dict(weights), self.plan, self.experiment_id, rnd, score,
+                                             noise_sd=noise_sd or None)
 
     def models(self) -> list[SelectedModel]:
         """FL global best, then each site's FL local model (sorted by site)."""

@@ -251,15 +251,37 @@ class SearchResponse(Message):
 
 
 # the owner's decisions (nodes/service/approvals.py) --------------------------------------------
-DatasetPolicy = Literal["open", "review"]
+DatasetPolicy = Literal["open", "review", "rules"]
 RequestState = Literal["pending", "approved", "denied", "revoked"]
 #: Most releases one approval may grant, and most days it may last.
 MAX_RELEASES, MAX_APPROVAL_DAYS = 100_000, 3650
 
 
+class PolicyRules(Message):
+    """A ``rules`` dataset's owner-written rules: a plan meeting all of them is approved automatically
+    (once per scientist and plan), anything else waits for review. Unset limits do not apply."""
+
+    require_dp: bool = Field(True, description="the plan's update must leave under a DP filter")
+    max_epsilon_per_release: float | None = Field(None, gt=0, description="one release, at the plan's delta")
+    max_epsilon_per_approval: float | None = Field(None, gt=0, description="all releases one approval grants")
+    networks: list[str] | None = Field(None, max_length=64, description="allowed network classes, e.g. ['UNet']")
+    max_patch_size: int | None = Field(None, ge=1, description="largest patch edge, voxels")
+    max_rounds: int = Field(10, ge=1, le=MAX_RELEASES, description="most releases one automatic approval grants "
+                                                                    "(a job without a request gets this many)")
+    days: float = Field(30, gt=0, le=MAX_APPROVAL_DAYS, description="how long an automatic approval lasts")
+
+
 class PolicyInfo(Message):
     dataset: str
     policy: DatasetPolicy
+    rules: PolicyRules | None = None
+
+
+class PolicySet(Message):
+    """The owner sets a dataset's policy; ``rules`` only with ``policy='rules'`` (default rules if omitted)."""
+
+    policy: DatasetPolicy
+    rules: PolicyRules | None = None
 
 
 class ApprovalRequestCreate(Message):
@@ -301,6 +323,9 @@ class ApprovalRequestInfo(Message):
     plan: dict | None = Field(None, description="the plan (the owner's detailed view)")
     compared_with: str | None = Field(None, description="the request whose approved plan the changes are against")
     changes: list[PlanChange] | None = None
+    projected: Estimate | None = Field(None, description="what its releases would cost, by the node's accountant, "
+                                                         "against the budgets that apply now")
+    findings: list[str] | None = Field(None, description="a 'rules' dataset: the rules the plan does not meet")
 
 
 class ApprovalDecision(Message):

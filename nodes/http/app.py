@@ -14,7 +14,7 @@ from voxgrid.wire import (API_PREFIX, MAX_BODY_BYTES, AdvertisedKeys, AuditEntry
                           NodeInfo, Problem, RevealedShare, RevealRequest, SecAggKeysRequest, SecAggMaskedRequest,
                           SecAggSharesRequest, TokenInfo, TokenIssue, TokenIssued, WeightsRef, WhoAmI)
 
-from voxgrid.wire import ApprovalDecision, ApprovalRequestCreate, ApprovalRequestInfo, PolicyInfo
+from voxgrid.wire import ApprovalDecision, ApprovalRequestCreate, ApprovalRequestInfo, PolicyInfo, PolicySet
 
 from voxgrid.nodes.http.problems import ERRORS, caller_dependency, install_problem_handlers, job_long_poll, read_body
 from voxgrid.nodes.service.node import NodeService
@@ -195,6 +195,10 @@ def _approval_routes(app: FastAPI, service: NodeService, Who) -> None:
     def policies(c: Who):
         return approvals.policies(c)
 
+    @app.put(f"{p}/owner/policies/{{dataset}}", response_model=PolicyInfo)
+    def set_policy(dataset: str, req: PolicySet, c: Who):
+        return approvals.set_policy(c, dataset, req.policy, req.rules)
+
     @app.post(f"{p}/owner/requests/{{request_id}}/approve", response_model=ApprovalRequestInfo, responses=conflict)
     def approve(request_id: str, d: ApprovalDecision, c: Who):
         return approvals.approve(c, request_id, d.releases, d.days)
@@ -205,4 +209,4 @@ def _approval_routes(app: FastAPI, service: NodeService, Who) -> None:
 
     @app.post(f"{p}/owner/requests/{{request_id}}/revoke", response_model=ApprovalRequestInfo, responses=conflict)
     def revoke(request_id: str, d: ApprovalDecision, c: Who):
-        return approvals.revoke(c, request_id, d.reason)
+        return service.revoke_approval(c, request_id, d.reason)

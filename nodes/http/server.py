@@ -55,9 +55,11 @@ def _write_run_file(home: Home, url: str, **extra) -> None:
     os.replace(tmp, home.run_file)
 
 
-def serve_node(home: Home, host: str | None = None, port: int | None = None) -> None:
+def serve_node(home: Home, host: str | None = None, port: int | None = None, console_host: str | None = None,
+               console_port: int | str | None = None) -> None:
     """Run a data node in the foreground until SIGINT/SIGTERM: on ``host:port``, or in outbound mode on
-    a private Unix socket that only the dialer (:mod:`.dialer`) connects to."""
+    a private Unix socket that only the dialer (:mod:`.dialer`) connects to. Its owner console listens on
+    ``console_host:console_port`` (None: as configured; port ``"off"``: no console; 0: any free port)."""
     from voxgrid.nodes.http.app import create_app
     from voxgrid.nodes.service.node import NodeService
 
@@ -68,6 +70,9 @@ def serve_node(home: Home, host: str | None = None, port: int | None = None) -> 
     outbound = cfg.connect == "outbound"
     sock = _private_socket() if outbound else None
     sock_path = Path(sock.getsockname()) if sock is not None else None
+    cfg.console_host = console_host or cfg.console_host
+    cfg.console_port = None if console_port == "off" else cfg.console_port if console_port is None else console_port
+    console, console_url = None, None
 
     def listening(bound: int):
         if not outbound:
@@ -76,21 +81,62 @@ def serve_node(home: Home, host: str | None = None, port: int | None = None) -> 
         # Ready means ready to train: a job sent now must not wait for the worker's imports.
         if not service.executor.ready.wait(timeout=300):
             log.error("the executor is not ready after 300 s; serving anyway")
+        extra = {"console": console_url} if console_url else {}
         if outbound:
             _dialer(service, sock_path).start()
-            _write_run_file(home, url, connect="outbound", socket=str(sock_path))
+            _write_run_file(home, url, connect="outbound", socket=str(sock_path), **extra)
         else:
-            _write_run_file(home, url)
+            _write_run_file(home, url, **extra)
         log.info("node %s serving %s", cfg.name, f"through grid {cfg.grid_url}" if outbound else f"on {url}")
         if cfg.grid_url:
             threading.Thread(target=_keep_registered, args=(service,), daemon=True, name="grid-heartbeat").start()
 
     try:
+        if cfg.console_port is not None:
+            console = OwnerConsole(service, home)
+            console_url = console.start()  # before the run file is written: it names the console
         _serve(create_app(service), home, host, port, listening, sock=sock)
     finally:
+        if console is not None:
+            console.stop()
         service.close()
         if sock_path is not None:
             shutil.rmtree(sock_path.parent, ignore_errors=True)
+
+
+class OwnerConsole:
+    """The owner console (:mod:`.console`) over HTTPS with the node's certificate, on its own port, served by
+    a uvicorn of its own in a thread beside the node's: a separate port keeps it off the address scientists
+    reach (loopback by default) and a fault in it off their jobs."""
+
+    def __init__(self, service, home: Home):
+        from voxgrid.nodes.http.console import create_console_app
+
+        cfg = service.config
+        self.host = cfg.console_host
+        config = uvicorn.Config(create_console_app(service), host=self.host, port=cfg.console_port,
+                                ssl_certfile=str(home.tls / "server.crt"), ssl_keyfile=str(home.tls / "server.key"),
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="owner-console")
+
+    def start(self, timeout: float = 30) -> str | None:
+        """Listen; the console's URL, or None (logged) when it cannot (the port is taken): the node serves on."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                log.error("owner console not started on %s (see above); the node serves without it", self.host)
+                return None
+            time.sleep(0.02)
+        bound = self.server.servers[0].sockets[0].getsockname()[1]
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else f"[{self.host}]" if ":" in self.host else self.host
+        log.info("owner console on https://%s:%d/", host, bound)
+        return f"https://{host}:{bound}/"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
 
 
 def _private_socket() -> socket.socket:

@@ -59,9 +59,12 @@ class LocalFederation:
     @classmethod
     def create(cls, root: Path, sites: list[SiteSpec] | None = None, *, fmt: str = "nifti",
                tags: tuple[str, ...] = ("ct", "pancreas"), splits=(0.5, 0.25, 0.25), threads: int = 1,
-               device: str = "auto", scientist: str = "scientist", outbound: tuple[str, ...] = ()) -> LocalFederation:
+               device: str = "auto", scientist: str = "scientist", outbound: tuple[str, ...] = (),
+               policy: str = "open") -> LocalFederation:
         """Write CA, certificates, phantom data, a grid home and one node home per site; the sites named
-        in ``outbound`` run in outbound mode (no listening socket; reached through the grid's relay)."""
+        in ``outbound`` run in outbound mode (no listening socket; reached through the grid's relay).
+        ``policy``: every site's dataset policy (open: the phantom federation's studies run unreviewed;
+        'review' for the owners' approval flow, ``voxgrid demo --review``)."""
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         sites = sites if sites is not None else default_sites()
@@ -95,7 +98,7 @@ class LocalFederation:
             site_tags = list(tags) + (["tumor"] if "tumor" in site.labels.values() else [])
             admin.add_dataset(home, site.name, data / "images", data / "labels", tags=site_tags,
                               label_names=dict(site.labels), splits=splits,
-                              description=f"synthetic abdominal CT phantoms ({site.name})")
+                              description=f"synthetic abdominal CT phantoms ({site.name})", policy=policy)
             admin.issue_token(home, "node", scientist, "scientist", scientist_file)
             nodes.append(Proc(name, "node", home, port, root / "logs" / f"{name}.log", outbound=site.name in outbound))
         return cls(root, ca.cert, token, grid, nodes, threads, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 from voxgrid.datasets import VolumeError, load_volume, scan_folder
@@ -62,20 +63,42 @@ def set_limits(path: Path, **changes) -> dict:
     return JobLimits.parse(limits).model_dump()
 
 
+@contextmanager
+def running_node(path: Path):
+    """A NodeClient with the owner's token on the home's running node (None: the node is not running),
+    for actions only the running node can carry out (stopping a worker). Refusals come as ValueError."""
+    from voxgrid.client import NodeClient, RemoteError, Unreachable
+
+    home = Home(path, "node")
+    home.load()
+    client = None
+    if home.run_file.exists():
+        state = json.loads(home.run_file.read_text())
+        # An outbound node listens on nothing but its private socket: its owner, on its machine, uses that.
+        client = NodeClient(state["url"], home.owner_token_file.read_text().strip(), home.tls / "ca.crt", timeout=60,
+                            uds=state.get("socket"))
+        try:
+            client.health()
+        except Unreachable:  # a stale run.json: the node is not running
+            client.close()
+            client = None
+    try:
+        yield client
+    except RemoteError as exc:
+        raise ValueError(exc.detail) from None
+    finally:
+        if client is not None:
+            client.close()
+
+
 def cancel_job(path: Path, job_id: str) -> dict:
     """The owner cancels a job: through the running node's API (it stops the worker if the job runs),
     or in the node's store when the node is not running. Returns the job's status."""
+    with running_node(path) as client:
+        if client is not None:
+            return client.cancel(job_id).model_dump(mode="json")
     home = Home(path, "node")
     home.load()
-    if home.run_file.exists():
-        from voxgrid.client import NodeClient, Unreachable
-
-        url = json.loads(home.run_file.read_text())["url"]
-        try:
-            with NodeClient(url, home.owner_token_file.read_text().strip(), home.tls / "ca.crt", timeout=60) as c:
-                return c.cancel(job_id).model_dump(mode="json")
-        except Unreachable:
-            pass  # a stale run.json: the node is not running
     from voxgrid.nodes.service.node import Caller, NodeService, ServiceError
 
     service = NodeService(home, start_executor=False)
@@ -190,7 +213,7 @@ def _dataset_basics(path: Path, name: str, tags: list[str], label_names) -> tupl
 def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tags: list[str],
                 label_names: str | dict, splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
                 description: str = "", modality: str = "CT", replace: bool = False, seed: int = 0,
-                check: bool = True, patients: dict[str, str] | None = None) -> dict:
+                check: bool = True, patients: dict[str, str] | None = None, policy: str | None = None) -> dict:
     """Register a folder of NIfTI images (+ labels) or DICOM series as a dataset of the node.
 
     Every volume is read once (``check``) so a corrupt file or a label map that does not fit its
@@ -199,6 +222,7 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
     an image or label path that resolves outside them (symlinks, ``..``) is refused first, naming the file.
     ``patients``: case id -> patient id, where several volumes are of one patient (the unit of
     privacy for DP-SGD); a patient's volumes are kept in one split. Unlisted cases: one patient each.
+    ``policy``: 'open', 'review' or 'rules' (None: a new dataset starts in 'review', a replaced one keeps its own).
     Returns a summary: name, volume count per split.
     """
     home, tag_list, names = _dataset_basics(path, name, tags, label_names)
@@ -219,7 +243,8 @@ def add_dataset(path: Path, name: str, images: Path, labels: Path | None, *, tag
     store = NodeStore(home.db_file)
     try:
         store.add_dataset(name, description=description, tags=tag_list, modality=modality, label_names=names,
-                          volumes=records, replace=replace, shape_range=shape_range, spacing_range=spacing_range)
+                          volumes=records, replace=replace, shape_range=shape_range, spacing_range=spacing_range,
+                          policy=policy)
     finally:
         store.close()
     return {"name": name, "volumes": len(records), "tags": tag_list,
@@ -442,7 +467,7 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
                           rules=None, labels: Path | None = None, tags: list[str], label_names: str | dict,
                           splits: tuple[float, float, float] = (0.6, 0.2, 0.2), description: str = "",
                           replace: bool = False, allow_resample: bool = False, seed: int = 0,
-                          timeout: float = 30.0) -> dict:
+                          timeout: float = 30.0, policy: str | None = None) -> dict:
     """Pull the series `query` matches from a PACS into ``HOME/cache/pacs/<name>/`` (resumable: what is
     already there is not downloaded again), keep the ones `rules` accept (one volume per series, case id
     ``series-<hash>``, no UID), read each once with its label map ``labels/<case_id>.nii.gz`` and register
@@ -515,7 +540,7 @@ def add_dataset_from_pacs(path: Path, name: str, *, source: str, username: str |
     try:
         store.add_dataset(name, description=description, tags=tag_list, modality="/".join(modalities) or "OT",
                           label_names=names, volumes=records, replace=replace, shape_range=shape_range,
-                          spacing_range=spacing_range)
+                          spacing_range=spacing_range, policy=policy)
     finally:
         store.close()
     return {"name": name, "volumes": len(records), "tags": tag_list,

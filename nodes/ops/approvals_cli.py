@@ -6,6 +6,7 @@ policies and approvals from the file at every job it is sent.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from contextlib import contextmanager
@@ -39,8 +40,10 @@ def _approvals(path: Path):
 
 
 def hash_blocks(plan_hash: str, per_line: int = 4) -> list[str]:
-    """The plan hash in blocks of 8 hex digits, ``per_line`` blocks a line, for people to compare aloud."""
-    blocks = [plan_hash[i:i + 8] for i in range(0, len(plan_hash), 8)]
+    """The plan hash's hex digest (without its ``sha256:`` prefix) in blocks of 8 digits, ``per_line`` blocks a
+    line, for people to compare aloud; the owner console shows the same blocks."""
+    digest = plan_hash.split(":", 1)[-1]
+    blocks = [digest[i:i + 8] for i in range(0, len(digest), 8)]
     return [" ".join(blocks[i:i + per_line]) for i in range(0, len(blocks), per_line)]
 
 
@@ -49,19 +52,38 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _rules(args):
+    """The rules the flags give (None: no rule flag given), for a 'rules' policy."""
+    from voxgrid.wire import PolicyRules
+
+    given = {k: v for k, v in (("require_dp", args.require_dp), ("max_epsilon_per_release", args.max_epsilon_per_release),
+                               ("max_epsilon_per_approval", args.max_epsilon_per_approval),
+                               ("networks", args.networks.split(",") if args.networks else None),
+                               ("max_patch_size", args.max_patch_size), ("max_rounds", args.max_rounds),
+                               ("days", args.days)) if v is not None}
+    if given and args.policy != "rules":
+        raise ValueError(f"rule options ({', '.join(given)}) apply only with --policy rules")
+    try:
+        return PolicyRules(**given) if given else None
+    except ValueError as exc:
+        raise ValueError(f"rules refused: {exc}") from None
+
+
 def _policy_set(args) -> None:
+    rules = _rules(args)
     with _approvals(args.home) as (a, owner):
-        print(json.dumps(a.set_policy(owner, args.dataset, args.policy).model_dump()))
+        print(a.set_policy(owner, args.dataset, args.policy, rules).model_dump_json())
 
 
 def _policy_show(args) -> None:
     with _approvals(args.home) as (a, owner):
         policies = a.policies(owner)
     if args.json:
-        print(json.dumps([p.model_dump() for p in policies], indent=1))
+        print(json.dumps([p.model_dump(mode="json") for p in policies], indent=1))
         return
     for p in policies:
-        print(f"{p.dataset}  {p.policy}")
+        rules = p.rules.model_dump(exclude_none=True) if p.rules else None
+        print(f"{p.dataset}  {p.policy}" + (f"  {json.dumps(rules)}" if rules else ""))
     if not policies:
         print("no datasets")
 
@@ -88,6 +110,22 @@ def _list(args) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _cost_lines(r) -> list[str]:
+    """The projected privacy cost and a 'rules' dataset's findings, in words."""
+    e, out = r.projected, []
+    if e is not None and e.dp:
+        out.append(f"  privacy    {e.mechanism}: epsilon {e.epsilon_per_release:.3g} a release, "
+                   f"{e.epsilon_total:.3g} for {e.releases} (delta {e.delta:g})")
+        out += [f"  budget     {b.scientist or 'all scientists'}: spent {b.spent or 0:.3g} of {b.epsilon:g}, "
+                f"these releases add {b.projected if b.projected is not None else 'unbounded'}"
+                f"{'' if b.fits else ' (over budget)'}" for b in e.budgets]
+    elif e is not None:
+        out.append(f"  privacy    {e.mechanism}: not differentially private (no epsilon bounds these releases)")
+    if r.findings:
+        out += ["  rules not met:", *(f"    - {f}" for f in r.findings)]
+    return out
+
+
 def _show_lines(r) -> list[str]:
     lines = [f"request {r.request_id}: {_status(r)}",
              f"  scientist  {r.scientist}", f"  dataset    {r.dataset}", f"  created    {r.created}",
@@ -95,6 +133,7 @@ def _show_lines(r) -> list[str]:
              + (f", approved {r.releases}, used {r.used}, expires {r.expires}" if r.releases else "")]
     if r.reason:
         lines.append(f"  reason     {r.reason}")
+    lines += _cost_lines(r)
     lines += ["", "plan hash (compare with the other sites):", *(f"    {b}" for b in hash_blocks(r.plan_hash)), "",
               "plan:"]
     from voxgrid.nodes.service.approvals import flatten
@@ -126,13 +165,24 @@ def _decide(verb: str):
             elif verb == "deny":
                 r = a.deny(owner, args.request_id, args.reason)
             else:
-                r = a.revoke(owner, args.request_id, args.reason)
+                r = _revoke(args, a, owner)
         if args.json:
             print(r.model_dump_json(indent=1))
         else:
             print(f"request {r.request_id} of {r.scientist} on {r.dataset}: {_status(r)}"
                   + (f", expires {r.expires}" if verb == "approve" else ""))
     return run
+
+
+def _revoke(args, a, owner):
+    """Revoke through the running node when there is one (it cancels the approval's queued and running jobs
+    at once), else in the store (a node started later withholds what those jobs computed)."""
+    from voxgrid.nodes.ops.admin import running_node
+
+    with running_node(args.home) as client:
+        if client is not None:
+            return client.revoke_approval(args.request_id, args.reason)
+    return a.revoke(owner, args.request_id, args.reason)
 
 
 def _common(p, json_flag: bool = True) -> None:
@@ -145,10 +195,20 @@ def add_commands(node) -> None:
     """Add ``policy`` and ``requests`` to the ``voxgrid node`` parser."""
     pol = node.add_parser("policy", help="who decides which plans run on a dataset").add_subparsers(
         dest="policy_cmd", required=True)
-    p = pol.add_parser("set", help="'open': every valid plan runs (default); 'review': each plan needs your approval")
+    p = pol.add_parser("set", help="'review': each plan needs your approval (new datasets); 'open': every valid "
+                                   "plan runs; 'rules': plans meeting your rules are approved automatically")
     _common(p, json_flag=False)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--policy", required=True, choices=["open", "review"])
+    p.add_argument("--policy", required=True, choices=["open", "review", "rules"])
+    r = p.add_argument_group("rules (with --policy rules; unset: defaults, DP required, 10 releases, 30 days)")
+    r.add_argument("--require-dp", action=argparse.BooleanOptionalAction, default=None,
+                   help="the plan's update must leave under DP (default yes)")
+    r.add_argument("--max-epsilon-per-release", type=float)
+    r.add_argument("--max-epsilon-per-approval", type=float)
+    r.add_argument("--networks", help="allowed network classes, comma-separated, e.g. UNet,SegResNet")
+    r.add_argument("--max-patch-size", type=int, help="largest patch edge, voxels")
+    r.add_argument("--max-rounds", type=int, help="most releases one automatic approval grants")
+    r.add_argument("--days", type=float, help="days an automatic approval lasts")
     p.set_defaults(func=_policy_set)
     p = pol.add_parser("show", help="each dataset's policy")
     _common(p)
@@ -175,7 +235,7 @@ def add_commands(node) -> None:
     p.add_argument("request_id", metavar="ID")
     p.add_argument("--reason", required=True)
     p.set_defaults(func=_decide("deny"))
-    p = req.add_parser("revoke", help="revoke an approval: later jobs are refused, running ones finish")
+    p = req.add_parser("revoke", help="revoke an approval: later jobs are refused, its queued and running ones stop")
     _common(p)
     p.add_argument("request_id", metavar="ID")
     p.add_argument("--reason")

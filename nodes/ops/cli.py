@@ -30,8 +30,10 @@ def _init(kind: str):
     def run(args):
         admin.init_home(kind, args.home, args.name, ca_cert=args.ca, cert=args.cert, key=args.key,
                                 host=args.host, port=args.port, public_url=args.public_url,
-                                **({"device": args.device, "threads": args.threads,
-                                    "data_roots": args.data_root or []} if kind == "node" else {}))
+                                **({"device": args.device, "threads": args.threads, "data_roots": args.data_root or [],
+                                    "console_host": args.console_host,
+                                    "console_port": None if args.console_port == "off" else args.console_port}
+                                   if kind == "node" else {}))
         if kind == "node" and args.grid:
             admin.set_grid(args.home, args.grid, args.grid_token_file)
         if kind == "node" and args.connect == "outbound":
@@ -63,7 +65,26 @@ def _add_init(sub, kind: str) -> None:
         p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the executor (0: torch's default)")
         _data_root_arg(p)
+        _console_args(p, 8444, "127.0.0.1")
     p.set_defaults(func=_init(kind))
+
+
+def _console_port(text: str) -> int | str:
+    if text == "off":
+        return "off"
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--console-port must be from 0 to 65535 or 'off', got {text}")
+    return port
+
+
+def _console_args(p, port, host) -> None:
+    what = "(default %(default)s)" if port is not None else "(default: as configured)"
+    p.add_argument("--console-host", default=host, help=f"the owner console's listen address {what}; keep it on "
+                                                        "loopback and reach it through an SSH tunnel")
+    p.add_argument("--console-port", type=_console_port, default=port, metavar="PORT|off",
+                   help=f"the owner console's port, HTTPS with the node's certificate {what}; 0: any free port "
+                        "(HOME/run.json names it); off: no console")
 
 
 def _data_root_arg(p) -> None:
@@ -201,7 +222,7 @@ def _dataset_add(args) -> None:
     summary = admin.add_dataset(args.home, args.name, args.images, args.labels, tags=args.tags.split(","),
                                 label_names=args.label_names, splits=_floats(args.splits),
                                 description=args.description, modality=args.modality or "CT",
-                                replace=args.replace, seed=args.seed)
+                                replace=args.replace, seed=args.seed, policy=args.policy)
     print(json.dumps(summary))
 
 
@@ -217,7 +238,8 @@ def _dataset_add_pacs(args) -> None:
             args.home, args.name, source=args.pacs, username=args.pacs_user, password_file=args.pacs_password_file,
             calling_ae=args.calling_ae or "VOXGRID", query=query, rules=rules, labels=args.labels,
             tags=args.tags.split(","), label_names=args.label_names, splits=_floats(args.splits),
-            description=args.description, replace=args.replace, allow_resample=args.allow_resample, seed=args.seed)
+            description=args.description, replace=args.replace, allow_resample=args.allow_resample, seed=args.seed,
+            policy=args.policy)
     except PacsError as exc:  # exit 2 with the server and the step named; the registry is untouched
         raise ConnectionError(f"PACS pull failed, dataset {args.name!r} not changed: {exc}") from None
     print(json.dumps(summary))
@@ -307,7 +329,7 @@ def _start_node(args) -> None:
     from voxgrid.nodes.http.server import serve_node
 
     _logging(args)
-    serve_node(Home(args.home, "node"), args.host, args.port)
+    serve_node(Home(args.home, "node"), args.host, args.port, args.console_host, args.console_port)
 
 
 def _start_grid(args) -> None:
@@ -348,7 +370,8 @@ def _status(kind: str):
         client = GridClient if kind == "grid" else NodeClient
         # An outbound node listens on nothing but its private socket: its owner, on its machine, uses that.
         with client(url, token, home.tls / "ca.crt", timeout=10, uds=state.get("socket")) as c:
-            print(json.dumps({"url": url, **c.health().model_dump()}))
+            console = {"console": state["console"]} if state.get("console") else {}
+            print(json.dumps({"url": url, **console, **c.health().model_dump()}))
             if kind == "grid":
                 _print_links(c.links())
     return run
@@ -376,6 +399,8 @@ def _add_start_status(sub, kind: str, start) -> None:
     p.add_argument("--host", help="override the listen address")
     p.add_argument("--port", type=int, help="override the port (0: any free port; see HOME/run.json)")
     p.add_argument("--verbose", action="store_true")
+    if kind == "node":
+        _console_args(p, None, None)
     p.set_defaults(func=start)
     p = sub.add_parser("status", help=f"health of the running {kind}")
     _home_arg(p, kind)
@@ -407,6 +432,9 @@ def register(sub) -> None:
                                       "and accept (default: any)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
     p.add_argument("--replace", action="store_true", help="rebuild an existing dataset of that name")
+    p.add_argument("--policy", choices=["review", "open", "rules"],
+                   help="who decides which plans run on it (new datasets: review; a replaced one keeps its own; "
+                        "'voxgrid node policy set' changes it and sets rules)")
     g = p.add_argument_group("PACS (with --pacs)")
     g.add_argument("--pacs-user", help="DICOMweb user name")
     g.add_argument("--pacs-password-file", type=Path, help="file holding the DICOMweb password")

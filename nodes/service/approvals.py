@@ -1,12 +1,15 @@
 """The owner decides (DESIGN.md, "The owner decides"): dataset policies, approval requests, decisions.
 
-A dataset's policy is ``open`` (every valid plan runs; the default, for now) or ``review`` (every plan
-needs its owner's approval before it runs). A scientist's job on a ``review`` dataset that no valid
+A dataset's policy is ``open`` (every valid plan runs), ``review`` (every plan needs its owner's approval
+before it runs; new datasets start here) or ``rules`` (a plan meeting the owner's rules, checked with the
+node's own accountant by :mod:`.rules`, is approved automatically, once per scientist and plan, and
+recorded as decided by ``rules``; anything else waits for review). A scientist's job that no valid
 approval covers is refused (:class:`ApprovalNeeded`, 403) and the node records a request for the
 (scientist, dataset, plan hash) triple, or reuses the pending one. An approval binds that triple, a number
 of releases (each train or evaluate job the node accepts uses one) and an expiry. Every request, decision
 and revocation is written to the audit log in the same transaction as the change, before it takes effect.
-Revoking refuses later jobs; jobs the node already accepted (queued or running) finish.
+Revoking refuses later jobs and stops the ones it covered that have not finished: queued jobs are cancelled,
+and a running job's update and metrics are withheld when it ends (:meth:`Approvals.revoked_job`).
 
 Service layer only (no HTTP here): roles are checked with :func:`~voxgrid.nodes.service.node.require`,
 errors are :class:`~voxgrid.nodes.service.node.ServiceError` subclasses.
@@ -18,16 +21,27 @@ import json
 import uuid
 from datetime import datetime, timedelta, timezone
 
+from typing import Callable
+
 from voxgrid.plan import Plan, PlanError
+from voxgrid.privacy.records import Estimate
 from voxgrid.wire import (MAX_APPROVAL_DAYS, MAX_RELEASES, ApprovalRequestCreate, ApprovalRequestInfo, PlanChange,
-                          PolicyInfo)
+                          PolicyInfo, PolicyRules)
 
 from voxgrid.nodes.service.db import now
 from voxgrid.nodes.service.node import Caller, Forbidden, Invalid, NotFound, ServiceError, require
+from voxgrid.nodes.service.rules import findings
 from voxgrid.nodes.service.store import POLICIES, NodeStore
 
 #: Days an approval lasts unless the owner says otherwise.
 DEFAULT_DAYS = 30
+#: Most pending requests one scientist may have at a node: each costs the owner's attention.
+MAX_PENDING = 20
+#: Who decides automatically under a 'rules' policy (``decided_by``).
+RULES = "rules"
+
+#: The node's cost estimate: (scientist, dataset, plan JSON, releases) -> Estimate, or None if none holds.
+Estimator = Callable[[str, str, dict, int], "Estimate | None"]
 
 
 class ApprovalNeeded(Forbidden):
@@ -48,6 +62,12 @@ class RequestConflict(ServiceError):
     """409: the request is not in a state that allows this decision (approving twice, denying an approved one)."""
 
     status, title = 409, "Conflict"
+
+
+class TooManyRequests(ServiceError):
+    """429: the scientist already has :data:`MAX_PENDING` requests waiting at this node."""
+
+    status, title = 429, "Too many pending requests"
 
 
 def _stamp(t: datetime) -> str:
@@ -79,23 +99,46 @@ def plan_changes(before: dict, after: dict) -> list[PlanChange]:
 class Approvals:
     """Policies, requests and decisions of one node, kept in its :class:`NodeStore`."""
 
-    def __init__(self, store: NodeStore, node: str):
+    def __init__(self, store: NodeStore, node: str, estimate: Estimator | None = None):
         self.store, self.node = store, node
+        self.estimate = estimate or (lambda scientist, dataset, plan, releases: None)
 
     # policies (owner) ---------------------------------------------------------------------------
     def policies(self, caller: Caller) -> list[PolicyInfo]:
         require(caller, "owner")
-        return [PolicyInfo(dataset=d, policy=p) for d, p in self.store.policies().items()]
+        return [self._policy(d, p) for d, p in self.store.policies().items()]
 
-    def set_policy(self, caller: Caller, dataset: str, policy: str) -> PolicyInfo:
+    def _policy(self, dataset: str, policy: str) -> PolicyInfo:
+        rules = self.store.rules(dataset) if policy == "rules" else None
+        return PolicyInfo(dataset=dataset, policy=policy, rules=PolicyRules(**rules) if rules is not None else None)
+
+    def set_policy(self, caller: Caller, dataset: str, policy: str, rules: PolicyRules | None = None) -> PolicyInfo:
+        """Set a dataset's policy; a 'rules' one without rules gets the default :class:`PolicyRules`."""
         require(caller, "owner")
         if policy not in POLICIES:
             raise Invalid(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+        if rules is not None and policy != "rules":
+            raise Invalid(f"rules apply only to the 'rules' policy, not {policy!r}")
+        if policy == "rules":
+            rules = rules or PolicyRules()
         try:
-            self.store.set_policy(dataset, policy, actor=caller.name)
+            self.store.set_policy(dataset, policy, actor=caller.name,
+                                  rules=rules.model_dump(mode="json") if rules else None)
         except KeyError:
             raise NotFound(f"no dataset named {dataset!r} at node {self.node!r}") from None
-        return PolicyInfo(dataset=dataset, policy=policy)
+        return self._policy(dataset, policy)
+
+    def rules_findings(self, scientist: str, dataset: str, plan: dict, plan_hash: str,
+                       releases: int | None) -> list[str] | None:
+        """What keeps the plan from automatic approval on a 'rules' dataset (None: not a 'rules' dataset)."""
+        if self.store.policy(dataset) != "rules":
+            return None
+        rules = PolicyRules(**(self.store.rules(dataset) or {}))
+        if self.store.query("SELECT 1 FROM approval_requests WHERE scientist=? AND dataset=? AND plan_hash=? AND "
+                            "decided_by=?", (scientist, dataset, plan_hash, RULES)):
+            return ["the rules already approved this plan for this scientist once; renewing needs the owner"]
+        n = releases or rules.max_rounds
+        return findings(rules, Plan.model_validate(plan), n, self.estimate(scientist, dataset, plan, n))
 
     # the scientist's side -----------------------------------------------------------------------
     def create(self, caller: Caller, req: ApprovalRequestCreate) -> ApprovalRequestInfo:
@@ -121,11 +164,18 @@ class Approvals:
                           (req.purpose or pending["purpose"], req.releases or pending["releases_asked"], request_id))
             else:
                 request_id = self._insert(c, caller.name, req.dataset, req.plan, plan_hash, req.purpose, req.releases)
-        return self._info(self._row(request_id), plan=True)
+        self._auto_approve(caller.name, req.dataset, req.plan, plan_hash, req.releases, request_id)
+        return self.get(caller, request_id)
 
     def _insert(self, c, scientist: str, dataset: str, plan: dict, plan_hash: str, purpose: str = "",
                 releases: int | None = None) -> str:
-        """A new pending request (inside transaction ``c``), audited before the insert."""
+        """A new pending request (inside transaction ``c``), audited before the insert; at most
+        :data:`MAX_PENDING` per scientist (:class:`TooManyRequests`)."""
+        pending = c.execute("SELECT COUNT(*) FROM approval_requests WHERE scientist=? AND state='pending'",
+                            (scientist,)).fetchone()[0]
+        if pending >= MAX_PENDING:
+            raise TooManyRequests(f"{scientist} already has {pending} requests waiting for the owner of node "
+                                  f"{self.node!r} (at most {MAX_PENDING}): wait for decisions, or ask the owner")
         request_id = "r" + uuid.uuid4().hex[:11]
         self.store.audit(scientist, "request.create", f"{request_id}: {scientist} asks for plan {plan_hash} on "
                                                       f"{dataset}" + (f": {purpose}" if purpose else ""), conn=c)
@@ -150,6 +200,12 @@ class Approvals:
         if row is None or (caller.role != "owner" and row["scientist"] != caller.name):
             raise RequestNotFound(f"no request {request_id!r} for {caller.name!r} at node {self.node!r}")
         info = self._info(row, plan=True)
+        plan, n = json.loads(row["plan"]), row["releases"] or row["releases_asked"] or 1
+        extra = {"projected": self.estimate(row["scientist"], row["dataset"], plan, n)}
+        if row["state"] == "pending":
+            extra["findings"] = self.rules_findings(row["scientist"], row["dataset"], plan, row["plan_hash"],
+                                                    row["releases_asked"])
+        info = info.model_copy(update=extra)
         if caller.role != "owner":
             return info
         nearest = self._nearest(row)
@@ -172,21 +228,67 @@ class Approvals:
         """Use one release of a valid approval for the job; returns the approval's request id (None: no
         approval needed: an open dataset, or the owner). Raises :class:`ApprovalNeeded` naming the request
         the node recorded (or reused) for the owner, or the denial or revocation that stands."""
-        if caller.role == "owner" or self.store.policy(dataset) != "review":
+        if caller.role == "owner" or self.store.policy(dataset) == "open":
             return None
+        used = self._use(caller.name, dataset, plan_hash, job_id)
+        if used is None and self._auto_approve(caller.name, dataset, plan, plan_hash, None):
+            used = self._use(caller.name, dataset, plan_hash, job_id)
+        if used is not None:
+            return used
+        why = self.rules_findings(caller.name, dataset, plan, plan_hash, None)
         with self.store.transaction() as c:
-            at = now()
-            found = c.execute("SELECT request_id FROM approval_requests WHERE scientist=? AND dataset=? AND "
-                              "plan_hash=? AND state='approved' AND used < releases AND expires_at > ? "
-                              "ORDER BY expires_at LIMIT 1", (caller.name, dataset, plan_hash, at)).fetchone()
-            if found is not None:
-                self.store.audit(caller.name, "approval.use", f"{found['request_id']}: job {job_id}", conn=c)
-                c.execute("UPDATE approval_requests SET used=used+1 WHERE request_id=?", (found["request_id"],))
-                return found["request_id"]
-            refusal = self._refusal(c, caller.name, dataset, plan, plan_hash, at)
+            refusal = self._refusal(c, caller.name, dataset, plan, plan_hash, now(), why)
         raise refusal  # after the commit: the recorded request stays
 
-    def _refusal(self, c, scientist: str, dataset: str, plan: dict, plan_hash: str, at: str) -> ApprovalNeeded:
+    def _use(self, scientist: str, dataset: str, plan_hash: str, job_id: str) -> str | None:
+        """One release of a valid approval for the job, recorded against it; None: no valid approval."""
+        with self.store.transaction() as c:
+            found = c.execute("SELECT request_id FROM approval_requests WHERE scientist=? AND dataset=? AND "
+                              "plan_hash=? AND state='approved' AND used < releases AND expires_at > ? "
+                              "ORDER BY expires_at LIMIT 1", (scientist, dataset, plan_hash, now())).fetchone()
+            if found is None:
+                return None
+            self.store.audit(scientist, "approval.use", f"{found['request_id']}: job {job_id}", conn=c)
+            c.execute("UPDATE approval_requests SET used=used+1 WHERE request_id=?", (found["request_id"],))
+            c.execute("INSERT OR IGNORE INTO approval_jobs (request_id, job_id) VALUES (?,?)",
+                      (found["request_id"], job_id))
+            return found["request_id"]
+
+    def _auto_approve(self, scientist: str, dataset: str, plan: dict, plan_hash: str, releases: int | None,
+                      request_id: str | None = None) -> str | None:
+        """On a 'rules' dataset, approve (the pending ``request_id``, or a new request) when the plan meets
+        every rule; the request id, or None where the owner must decide."""
+        if self.rules_findings(scientist, dataset, plan, plan_hash, releases) != []:
+            return None
+        rules = PolicyRules(**(self.store.rules(dataset) or {}))
+        n = releases or rules.max_rounds
+        expires = _stamp(datetime.now(timezone.utc) + timedelta(days=rules.days))
+        with self.store.transaction() as c:
+            pending = c.execute("SELECT request_id FROM approval_requests WHERE scientist=? AND dataset=? AND "
+                                "plan_hash=? AND state='pending'", (scientist, dataset, plan_hash)).fetchone()
+            request_id = request_id or (pending["request_id"] if pending else None)
+            if request_id is None:
+                request_id = self._insert(c, scientist, dataset, plan, plan_hash, releases=n)
+            self.store.audit(RULES, "request.approve", f"{request_id}: plan {plan_hash} for {scientist} on "
+                                                       f"{dataset} meets the owner's rules, {n} release(s), "
+                                                       f"expires {expires}", conn=c)
+            c.execute("UPDATE approval_requests SET state='approved', decided_at=?, decided_by=?, releases=?, "
+                      "expires_at=? WHERE request_id=? AND state='pending'", (now(), RULES, n, expires, request_id))
+        return request_id
+
+    def revoked_job(self, job_id: str) -> str | None:
+        """The revoked approval that covered the job, if any: its update and metrics must not leave."""
+        rows = self.store.query("SELECT r.request_id FROM approval_jobs j JOIN approval_requests r "
+                                "ON r.request_id=j.request_id WHERE j.job_id=? AND r.state='revoked'", (job_id,))
+        return rows[0]["request_id"] if rows else None
+
+    def jobs_of(self, request_id: str) -> list[str]:
+        """The jobs an approval covered."""
+        return [r["job_id"] for r in self.store.query("SELECT job_id FROM approval_jobs WHERE request_id=?",
+                                                      (request_id,))]
+
+    def _refusal(self, c, scientist: str, dataset: str, plan: dict, plan_hash: str, at: str,
+                 why: list[str] | None = None) -> ApprovalNeeded:
         last = c.execute("SELECT * FROM approval_requests WHERE scientist=? AND dataset=? AND plan_hash=? "
                          "ORDER BY (state='pending') DESC, created_at DESC LIMIT 1",
                          (scientist, dataset, plan_hash)).fetchone()
@@ -206,8 +308,9 @@ class Approvals:
         self.store.audit(scientist, "job.refused", f"plan {plan_hash} on {dataset}: approval needed, request "
                                                    f"{request_id}", conn=c)
         used = " (the earlier approval is used up or expired)" if last is not None else ""
+        rules = f" The plan does not meet the owner's rules: {'; '.join(why)}." if why else ""
         return ApprovalNeeded(f"approval needed: {where} runs only plans its owner approved; request {request_id} "
-                              f"{how} the owner's decision{used}. Check it with GET /v1/requests/{request_id} "
+                              f"{how} the owner's decision{used}.{rules} Check it with GET /v1/requests/{request_id} "
                               f"(Experiment.approvals())", request_id)
 
     def refund(self, request_id: str | None, job_id: str) -> None:
@@ -217,6 +320,7 @@ class Approvals:
         with self.store.transaction() as c:
             self.store.audit("node", "approval.refund", f"{request_id}: job {job_id} not accepted", conn=c)
             c.execute("UPDATE approval_requests SET used=MAX(used-1, 0) WHERE request_id=?", (request_id,))
+            c.execute("DELETE FROM approval_jobs WHERE request_id=? AND job_id=?", (request_id, job_id))
 
     # the owner's decisions ----------------------------------------------------------------------
     def requests(self, caller: Caller, state: str | None = None) -> list[ApprovalRequestInfo]:
@@ -259,7 +363,8 @@ class Approvals:
         return self._info(self._row(request_id))
 
     def revoke(self, caller: Caller, request_id: str, reason: str | None = None) -> ApprovalRequestInfo:
-        """Revoke an approval: later jobs are refused; jobs already accepted finish."""
+        """Revoke an approval: later jobs are refused; its unfinished jobs are stopped by the node
+        (:meth:`NodeService.revoke_approval`, :meth:`revoked_job`)."""
         require(caller, "owner")
         with self.store.transaction() as c:
             row = c.execute("SELECT * FROM approval_requests WHERE request_id=?", (request_id,)).fetchone()

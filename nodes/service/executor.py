@@ -14,6 +14,9 @@ limit, or a worker past its memory limit, by killing the worker (which is then s
 cancelled running job is stopped the same way. The job fails with the reason. A worker whose job broke
 its CUDA context reports the failure and exits; it is started again the same way, and no job is handed
 to it in between.
+
+This is one worker. A node with several GPUs runs one of these per GPU, each worker started with its own
+``CUDA_VISIBLE_DEVICES``, behind :class:`~.pool.ExecutorPool` (:mod:`.gpus` says which GPUs and why).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from voxgrid.nodes.service.gpus import worker_env
 from voxgrid.nodes.service.limits import FairQueue, JobLimits, process_tree, tree_rss
 from voxgrid.nodes.worker.messages import (JobDone, JobFailed, ProtocolError, WorkerEvent, WorkerReady, parse_job,
                                            recv_event, send)
@@ -52,14 +56,18 @@ class Executor:
 
     def __init__(self, on_event: Callable[[WorkerEvent], None], device: str = "auto", threads: int = 0,
                  state_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 limits: JobLimits | None = None, poll: float = 0.25):
+                 limits: JobLimits | None = None, poll: float = 0.25, env: dict[str, str] | None = None,
+                 memory_bytes: int | None = None):
+        """``env``: what the worker's environment adds (its GPU: ``CUDA_VISIBLE_DEVICES``, see
+        :mod:`.gpus`); ``memory_bytes``: its share of the node's worker memory (default: all of it)."""
         self.on_event, self.device, self.threads = on_event, device, threads
+        self.env = dict(env or {})
         # Site-kept tensors (FedBN): durable under state_dir, else in the worker's memory only.
         self.state_dir = str(state_dir) if state_dir else None
         # Preprocessed volumes survive a restart under cache_dir (the node home's cache/prepared).
         self.cache_dir = str(cache_dir) if cache_dir else None
         self.limits = limits or JobLimits()
-        self._memory = self.limits.worker_memory_bytes()
+        self._memory = memory_bytes or self.limits.worker_memory_bytes()
         self._cv = threading.Condition()
         self._queue = FairQueue()
         self._current: _Running | None = None
@@ -82,7 +90,8 @@ class Executor:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=worker_main, name="voxgrid-executor", daemon=True,
                                  args=(child, self.device, self.threads, self.state_dir, self.cache_dir))
-        self._proc.start()
+        with worker_env(self.env):  # in its environment from the start: CUDA reads it when it initialises
+            self._proc.start()
         child.close()
         self._reader = threading.Thread(target=self._read, args=(self._conn, self._proc), name="executor-reader",
                                         daemon=True)

@@ -10,7 +10,7 @@ Layout (node)::
     HOME/updates/         updates computed by jobs (safetensors, one per job)
     HOME/cache/           volumes converted from DICOM
     HOME/local-state/     tensors a site keeps across rounds (FedBN normalisation layers)
-    HOME/run.json         written when the server listens: URL and process id
+    HOME/run.json         written when the server listens: URL, process id, owner console URL
 
 A grid's home is the same minus blobs/updates/cache, with ``grid.json`` and ``grid.db``.
 """
@@ -81,6 +81,10 @@ class ServerConfig:
     data_roots: list[str] = field(default_factory=list)  # node: folders volumes may come from ([]: anywhere)
     limits: dict = field(default_factory=dict)  # node: the owner's job limits (nodes.limits.JobLimits; {}: defaults)
     storage: dict = field(default_factory=dict)  # node: quotas and expiry of blobs (nodes.blobs.StoragePolicy)
+    # node: the owner console (nodes/http/console.py), HTTPS on its own port; None: off (homes made before it,
+    # and programmatic ones such as the demo's; 'voxgrid node init' turns it on at 127.0.0.1:8444). 0: any free port.
+    console_host: str = "127.0.0.1"
+    console_port: int | None = None
 
 
 class Home:

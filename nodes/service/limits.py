@@ -104,6 +104,17 @@ def parameter_count(plan: Plan) -> int:
     return n
 
 
+def _multiplicity(plan: Plan) -> int:
+    """DP-SGD's augmentation multiplicity K (1 without DP-SGD or with a malformed spec, refused elsewhere)."""
+    from voxgrid.privacy import PrivacySpec, PrivacySpecError
+
+    try:
+        spec = PrivacySpec.parse(plan.privacy)
+    except PrivacySpecError:
+        return 1
+    return spec.dp_sgd.augmentation_multiplicity if spec is not None and spec.dp_sgd is not None else 1
+
+
 def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str = "train",
                extent: tuple[tuple, tuple] | None = None) -> None:
     """Raise :class:`LimitExceeded` for the first of the plan's fields over the node's limits.
@@ -117,7 +128,9 @@ def check_plan(plan: Plan, limits: JobLimits, volumes: Iterable[Any], kind: str 
                                                                     f"{voxels} voxels"),
               ("plan.batch_size", plan.batch_size, limits.max_batch_size, None),
               ("plan.sw_batch_size", plan.sw_batch_size, limits.max_sw_batch_size, None),
-              ("plan.samples_per_volume", plan.samples_per_volume, limits.max_samples_per_volume, None)]
+              ("plan.samples_per_volume", plan.samples_per_volume, limits.max_samples_per_volume, None),
+              # DP-SGD's K views of one patient go through the network as one batch
+              ("plan.privacy.augmentation_multiplicity", _multiplicity(plan), limits.max_batch_size, None)]
     for field, value, limit, shown in checks:
         if value > limit:
             raise LimitExceeded(f"{field}: {shown or value} is over this node's limit of {limit}")
@@ -198,6 +211,18 @@ class FairQueue:
                         del self._by[scientist]
                     return entry
         return None
+
+    def in_turn(self) -> list[Queued]:
+        """Every queued job, in the order :meth:`pop` would hand them out if nothing else arrived."""
+        lanes = [list(jobs) for jobs in self._by.values()]
+        return [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
+
+    def take(self, job_id: str) -> Queued | None:
+        """Hand out a job out of turn (an earlier one must wait); its scientist has had a turn and goes last."""
+        entry = self.remove(job_id)
+        if entry is not None and entry.scientist in self._by:
+            self._by.move_to_end(entry.scientist)
+        return entry
 
     def __len__(self) -> int:
         return sum(map(len, self._by.values()))

@@ -37,6 +37,7 @@ from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, Datase
 from voxgrid.nodes.service.blobs import BlobStore, OverQuota, StoragePolicy
 from voxgrid.nodes.service.db import TokenError, UnknownToken
 from voxgrid.nodes.service.executor import Executor
+from voxgrid.nodes.service.pool import ExecutorPool, executor_for
 from voxgrid.nodes.service.home import Home
 from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
 from voxgrid.nodes.service.secure import NodeSecAgg, SecureAggregationRefused, parse_config
@@ -192,16 +193,17 @@ class NodeService:
                                evict_update=self._updates.discard)
         self._sweeper = None
         self.secagg = NodeSecAgg(self.config.name, home.tls)
-        self.executor: Executor | None = None
+        self.executor: Executor | ExecutorPool | None = None
         self.limits = JobLimits.parse(self.config.limits)
         from voxgrid.nodes.service.approvals import Approvals  # here: approvals.py imports this module's errors
 
-        self.approvals = Approvals(self.store, self.config.name)  # the owner's decisions (policies, requests)
+        self.approvals = Approvals(self.store, self.config.name, self._approval_estimate)  # the owner's decisions (policies, requests)
         if start_executor:
             # FedBN-style site-kept tensors persist in the home, so a restarted node keeps them.
-            self.executor = Executor(self._on_event, device=self.config.device, threads=self.config.threads,
-                                     state_dir=home.path / "local-state", cache_dir=home.cache / "prepared",
-                                     limits=self.limits)
+            # One worker per GPU on a machine with several (nodes/service/gpus.py), else one.
+            self.executor = executor_for(self._on_event, device=self.config.device, threads=self.config.threads,
+                                         state_dir=home.path / "local-state", cache_dir=home.cache / "prepared",
+                                         limits=self.limits)
             self._recover()
             self._sweeper = self.blobs.start_sweeper()  # now, then every storage.sweep_minutes
 
@@ -209,11 +211,14 @@ class NodeService:
         if self._sweeper:
             self._sweeper.stop()
         if self.executor:
-            running = self.executor.running() if hasattr(self.executor, "running") else None
+            if hasattr(self.executor, "running_jobs"):  # a pool: one job per worker
+                running = self.executor.running_jobs()
+            else:
+                running = [self.executor.running()] if hasattr(self.executor, "running") else []
             self.executor.close()
-            job = self.store.job(running) if running else None
-            if job is not None and job.state == "running":  # stopped by a shutdown, not by itself: no restart counted
-                self.store.set_job(job.job_id, "queued")
+            for job in (self.store.job(j) for j in running if j):
+                if job is not None and job.state == "running":  # stopped by a shutdown, not by itself: no restart counted
+                    self.store.set_job(job.job_id, "queued")
         self._writer.shutdown(wait=True)
         self.ledger.close()
         self.store.close()
@@ -395,8 +400,13 @@ class NodeService:
         classes = sum(1 for name in plan.labels[1:] if name in site)
         if not (classes and scored and any(v.split == scored for v in ds.volumes)):
             return MetricsRelease(dice="not computed", loss="withheld" if train else "not computed")
+        # A DP-SGD target's noise multiplier is derived here from this dataset's patients, never taken as sent.
+        try:
+            z = spec.noise_multiplier(TrainingContext.of(plan, ds.volumes) if spec.dp_sgd else None)
+        except ValueError as exc:  # AccountingError too: a target no noise multiplier meets
+            raise Invalid(f"plan.privacy refused by node {self.config.name!r}: {exc}") from exc
         return MetricsRelease(dice="noised", loss="withheld" if train else "not computed", split=scored,
-                              noise_multiplier=noise.noise_multiplier, delta=noise.delta,
+                              noise_multiplier=z, delta=noise.delta,
                               sensitivity=dice_sensitivity(ds.volumes, scored, classes))
 
     def _check_limits(self, caller: Caller, plan: Plan, req: JobRequest, ds) -> None:
@@ -522,6 +532,10 @@ class NodeService:
         update = msg.update if isinstance(msg, JobDone) else None
         if event == "started":
             self.store.set_job(job_id, "running")
+        elif event == "done" and self.approvals.revoked_job(job_id):
+            update = None
+            self._withhold(job_id, f"withheld: the owner revoked approval {self.approvals.revoked_job(job_id)} "
+                                   "while the job ran; nothing it computed leaves the node")
         elif event == "done":
             # Invariant 5: the ledger entry is committed before the update becomes downloadable.
             # Metrics on a budgeted dataset are a release too: an evaluate job has an entry of its own.
@@ -541,6 +555,21 @@ class NodeService:
         self.waits.wake(job_id)
         if update is not None:
             _write_atomic(self.home.updates / f"{job_id}.safetensors", update)
+
+    def _withhold(self, job_id: str, error: str) -> None:
+        """End a job as failed with nothing released: its privacy reservation is given back."""
+        self.ledger.cancel(job_id)
+        self.store.set_job(job_id, "failed", error=error)
+        self.store.audit("executor", "job.failed", f"{job_id}: {error}")
+
+    def revoke_approval(self, caller: Caller, request_id: str, reason: str | None = None):
+        """Revoke an approval (:meth:`Approvals.revoke`) and cancel its jobs still queued or running."""
+        info = self.approvals.revoke(caller, request_id, reason)
+        for job_id in self.approvals.jobs_of(request_id):
+            job = self.store.job(job_id)
+            if job is not None and job.state in ("queued", "running"):
+                self.cancel_job(caller, job_id)
+        return info
 
     def _release(self, job_id: str) -> bool:
         """Commit the job's ledger entry (invariant 5: before the update can leave); False withholds it."""
@@ -604,6 +633,17 @@ class NodeService:
     def privacy_estimate(self, caller: Caller, req: EstimateRequest) -> Estimate:
         """What more releases would cost the caller on a dataset, against the budgets that apply."""
         self.require(caller, "scientist", "owner")
+        return self._estimate(caller.name, req)
+
+    def _approval_estimate(self, scientist: str, dataset: str, plan: dict, releases: int) -> Estimate | None:
+        """What an approval's releases would cost (its plan's update chain); None where no estimate holds."""
+        try:
+            return self._estimate(scientist, EstimateRequest(dataset=dataset, privacy=plan.get("privacy"), plan=plan,
+                                                             releases=releases))
+        except (ServiceError, ValidationError, ValueError):
+            return None
+
+    def _estimate(self, scientist: str, req: EstimateRequest) -> Estimate:
         ds = self._dataset(req.dataset)
         try:
             spec = PrivacySpec.parse(req.privacy)
@@ -618,7 +658,7 @@ class NodeService:
             except (ValidationError, PlanError, ValueError) as exc:
                 raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
         try:
-            return self.ledger.estimate(req.dataset, caller.name, spec, req.releases, context)
+            return self.ledger.estimate(req.dataset, scientist, spec, req.releases, context)
         except AccountingError as exc:
             raise Invalid(f"plan.privacy refused by node {self.config.name!r}: {exc}") from exc
 

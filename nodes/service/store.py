@@ -47,7 +47,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS dataset_policies (
     dataset TEXT PRIMARY KEY,
     policy TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    rules TEXT
+);
+CREATE TABLE IF NOT EXISTS approval_jobs (
+    request_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (request_id, job_id)
 );
 CREATE TABLE IF NOT EXISTS approval_requests (
     request_id TEXT PRIMARY KEY,
@@ -68,9 +74,12 @@ CREATE TABLE IF NOT EXISTS approval_requests (
 );
 CREATE INDEX IF NOT EXISTS approval_requests_triple ON approval_requests (scientist, dataset, plan_hash);
 """
-#: A dataset's policy: 'open' (every valid plan runs) or 'review' (each plan needs the owner's approval,
-#: nodes/service/approvals.py). Datasets without a row are open (the default, for now).
-POLICIES = ("open", "review")
+#: A dataset's policy (nodes/service/approvals.py): 'open' (every valid plan runs), 'review' (each plan
+#: needs the owner's approval) or 'rules' (a plan meeting the owner's rules is approved automatically).
+POLICIES = ("open", "review", "rules")
+#: New datasets start under review unless the owner says otherwise.
+NEW_DATASET_POLICY = "review"
+#: Datasets registered before policies existed have no row and stay open, as they were.
 DEFAULT_POLICY = "open"
 
 
@@ -132,6 +141,7 @@ def new_job_id() -> str:
 _VOLUME_COLUMNS = (("series_uid", "TEXT"), ("resample", "INTEGER NOT NULL DEFAULT 0"), ("patient", "TEXT"))
 _DATASET_COLUMNS = (("shape_range", "TEXT"), ("spacing_range", "TEXT"))  # JSON [[min...], [max...]] or NULL
 _JOB_COLUMNS = (("restarts", "INTEGER NOT NULL DEFAULT 0"),)  # times a restart found the job running
+_POLICY_COLUMNS = (("rules", "TEXT"),)  # JSON PolicyRules of a 'rules' dataset
 
 
 class NodeStore(Database):
@@ -149,19 +159,29 @@ class NodeStore(Database):
             for column, decl in _DATASET_COLUMNS:
                 if column not in have:
                     c.execute(f"ALTER TABLE datasets ADD COLUMN {column} {decl}")
-            have = {r["name"] for r in c.execute("PRAGMA table_info(jobs)").fetchall()}
-            for column, decl in _JOB_COLUMNS:
-                if column not in have:
-                    c.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+            for table, columns in (("jobs", _JOB_COLUMNS), ("dataset_policies", _POLICY_COLUMNS)):
+                have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})").fetchall()}
+                for column, decl in columns:
+                    if column not in have:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     # registry ----------------------------------------------------------------------------------
     def add_dataset(self, name: str, *, description: str, tags: list[str], modality: str,
                     label_names: dict[int, str], volumes: list[VolumeRecord], replace: bool = False,
-                    shape_range: tuple | None = None, spacing_range: tuple | None = None) -> None:
+                    shape_range: tuple | None = None, spacing_range: tuple | None = None,
+                    policy: str | None = None) -> None:
+        """Register (or with ``replace`` rebuild) a dataset. ``policy``: who decides which plans run on it
+        (None: a replaced dataset keeps its own, a new one starts in :data:`NEW_DATASET_POLICY`)."""
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
         with self.transaction() as c:
             exists = c.execute("SELECT 1 FROM datasets WHERE name=?", (name,)).fetchone()
             if exists and not replace:
                 raise ValueError(f"dataset {name!r} already exists (use --replace to rebuild it)")
+            had = c.execute("SELECT 1 FROM dataset_policies WHERE dataset=?", (name,)).fetchone()
+            if policy is not None or not had:
+                c.execute("INSERT OR REPLACE INTO dataset_policies (dataset, policy, updated_at) VALUES (?,?,?)",
+                          (name, policy or NEW_DATASET_POLICY, now()))
             c.execute("DELETE FROM volumes WHERE dataset=?", (name,))
             c.execute("DELETE FROM datasets WHERE name=?", (name,))
             c.execute("INSERT INTO datasets (name, description, tags, modality, label_names, created_at, shape_range, "
@@ -181,6 +201,7 @@ class NodeStore(Database):
             c.execute("DELETE FROM volumes WHERE dataset=?", (name,))
             if c.execute("DELETE FROM datasets WHERE name=?", (name,)).rowcount == 0:
                 raise KeyError(name)
+            c.execute("DELETE FROM dataset_policies WHERE dataset=?", (name,))
         self.audit("owner", "dataset.remove", name)
 
     def dataset(self, name: str) -> DatasetRecord | None:
@@ -200,24 +221,31 @@ class NodeStore(Database):
 
     # policies (the tables are created by SCHEMA's CREATE ... IF NOT EXISTS, also in older files) -------
     def policy(self, dataset: str) -> str:
-        """The dataset's policy: 'open' or 'review' (:data:`DEFAULT_POLICY` where the owner set none)."""
+        """The dataset's policy, one of :data:`POLICIES` (:data:`DEFAULT_POLICY` where it has none)."""
         rows = self.query("SELECT policy FROM dataset_policies WHERE dataset=?", (dataset,))
         return rows[0]["policy"] if rows else DEFAULT_POLICY
+
+    def rules(self, dataset: str) -> dict | None:
+        """A 'rules' dataset's rules as JSON (None: none set)."""
+        rows = self.query("SELECT rules FROM dataset_policies WHERE dataset=?", (dataset,))
+        return json.loads(rows[0]["rules"]) if rows and rows[0]["rules"] else None
 
     def policies(self) -> dict[str, str]:
         """Every registered dataset's policy."""
         return {d["name"]: self.policy(d["name"]) for d in self.query("SELECT name FROM datasets ORDER BY name")}
 
-    def set_policy(self, dataset: str, policy: str, actor: str = "owner") -> None:
-        """Set a registered dataset's policy; audited in the same transaction, before the change."""
+    def set_policy(self, dataset: str, policy: str, actor: str = "owner", rules: dict | None = None) -> None:
+        """Set a registered dataset's policy (and a 'rules' one's rules); audited in the same transaction,
+        before the change."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+        text = json.dumps(rules, sort_keys=True) if rules is not None else None
         with self.transaction() as c:
             if not c.execute("SELECT 1 FROM datasets WHERE name=?", (dataset,)).fetchone():
                 raise KeyError(dataset)
-            self.audit(actor, "policy.set", f"{dataset}: {policy}", conn=c)
-            c.execute("INSERT OR REPLACE INTO dataset_policies (dataset, policy, updated_at) VALUES (?,?,?)",
-                      (dataset, policy, now()))
+            self.audit(actor, "policy.set", f"{dataset}: {policy}" + (f" {text}" if text else ""), conn=c)
+            c.execute("INSERT OR REPLACE INTO dataset_policies (dataset, policy, updated_at, rules) VALUES (?,?,?,?)",
+                      (dataset, policy, now(), text))
 
     # jobs --------------------------------------------------------------------------------------
     def add_job(self, scientist: str, request: JobRequest, job_id: str | None = None) -> JobRecord:

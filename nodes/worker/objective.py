@@ -82,50 +82,84 @@ def dtp_weight(kbar: float, gamma: float) -> float:
     return -((1.0 - k) ** gamma) * math.log(k)
 
 
-def soft_dice(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int], softmax: bool,
-              eps: float = 1e-6) -> dict[int, float | None]:
-    """Per class, the batch's soft Dice ``2 sum(p g) / (sum p + sum g)`` over all its voxels.
-
-    Probabilities are the softmax over channels (``softmax``) or each channel's sigmoid. None for a
-    class absent from the batch's targets (its Dice measures nothing there). No gradient.
-    """
+def soft_dice_tensor(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int], softmax: bool,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Per class of ``classes``, the batch's soft Dice ``2 sum(p g) / (sum p + sum g)`` over all its
+    voxels: a float32 tensor (len(classes),) on the logits' device, NaN for a class absent from the
+    batch's targets. Probabilities: softmax over channels (``softmax``) or each channel's sigmoid.
+    No gradient, and no host sync (DTP reads it every step)."""
     with torch.no_grad():
-        logits = logits.float()
-        prob = torch.softmax(logits, dim=1) if softmax else torch.sigmoid(logits)
-        out: dict[int, float | None] = {}
+        prob = torch.softmax(logits.float(), dim=1) if softmax else torch.sigmoid(logits.float())
+        out = []
         for c in classes:
             g = (target[:, 0] == c).float()
-            if g.sum() == 0:
-                out[c] = None
-                continue
             p = prob[:, c]
-            out[c] = float(2 * (p * g).sum() / (p.sum() + g.sum() + eps))
-        return out
+            gs = g.sum()
+            d = 2 * (p * g).sum() / (p.sum() + gs + eps)
+            out.append(torch.where(gs > 0, d, torch.full_like(d, float("nan"))))
+        return torch.stack(out) if out else torch.zeros(0, device=logits.device)
+
+
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, classes: Sequence[int], softmax: bool,
+              eps: float = 1e-6) -> dict[int, float | None]:
+    """:func:`soft_dice_tensor` as numbers per class (None: absent from the batch's targets)."""
+    values = soft_dice_tensor(logits, target, classes, softmax, eps).tolist()
+    return {c: (None if math.isnan(v) else v) for c, v in zip(classes, values, strict=True)}
 
 
 class DynamicTaskPriority:
     """DTP's moving averages and weights over a site's tasks (its annotated classes).
 
-    ``kbar``: the averages carried from the site's earlier rounds (updated in place), as the study's
-    clients kept them through training; None starts afresh.
+    ``kbar``: the averages carried from the site's earlier rounds, as the study's clients kept them
+    through training; None starts afresh. The averages live in a tensor on the device of the Dice
+    they are fed (:meth:`observe_tensor`, every training step, without a host sync); :attr:`kbar`
+    reads them back into that same dict (one sync: read it once a job, not every step).
     """
 
     def __init__(self, spec: TaskPriority, tasks: Sequence[int], kbar: dict[int, float] | None = None):
         self.spec, self.tasks = spec, sorted(tasks)
-        self.kbar: dict[int, float] = {} if kbar is None else kbar
+        self._kbar: dict[int, float] = {} if kbar is None else kbar
+        self._k: torch.Tensor | None = None  # (tasks,) float32, NaN: not measured yet
+
+    def _state(self, device: torch.device) -> torch.Tensor:
+        if self._k is None:
+            self._k = torch.tensor([self._kbar.get(c, float("nan")) for c in self.tasks], dtype=torch.float32)
+        if self._k.device != torch.device(device):
+            self._k = self._k.to(device)
+        return self._k
+
+    def observe_tensor(self, dice: torch.Tensor) -> None:
+        """Fold one batch's Dice per task ((tasks,) in :attr:`tasks` order, NaN: absent) into the averages."""
+        a, r = self.spec.alpha, self.spec.r
+        k_old = self._state(dice.device)
+        k = dice.float().clamp(min=0.0) ** r
+        updated = torch.where(torch.isnan(k_old), k, a * k + (1 - a) * k_old)
+        self._k = torch.where(torch.isnan(dice), k_old, updated)
 
     def observe(self, dice: dict[int, float | None]) -> None:
-        """Fold one batch's Dice per task into the moving averages (None: task absent, unchanged)."""
-        a, r = self.spec.alpha, self.spec.r
-        for c, d in dice.items():
-            if d is None:
-                continue
-            k = max(d, 0.0) ** r
-            self.kbar[c] = k if c not in self.kbar else a * k + (1 - a) * self.kbar[c]
+        """:meth:`observe_tensor` for Dice given as numbers per task (None: task absent, unchanged)."""
+        self.observe_tensor(torch.tensor([float("nan") if dice.get(c) is None else float(dice[c])
+                                          for c in self.tasks], dtype=torch.float32))
+
+    def weights_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``W_c`` per task, (tasks,) float32 on the averages' device; 1 for a task not yet measured."""
+        k = self._state(device if self._k is None else self._k.device)
+        kc = k.clamp(1e-6, 1.0)
+        w = -((1.0 - kc) ** self.spec.gamma) * torch.log(kc)
+        return torch.where(torch.isnan(k), torch.ones_like(k), w)
+
+    @property
+    def kbar(self) -> dict[int, float]:
+        """The averages per measured task: the dict given at construction, brought up to date."""
+        if self._k is not None:
+            for c, v in zip(self.tasks, self._k.tolist(), strict=True):
+                if not math.isnan(v):
+                    self._kbar[c] = v
+        return self._kbar
 
     def weights(self) -> dict[int, float]:
         """``W_c`` per task; 1 for a task not yet measured."""
-        return {c: dtp_weight(self.kbar[c], self.spec.gamma) if c in self.kbar else 1.0 for c in self.tasks}
+        return dict(zip(self.tasks, self.weights_tensor().tolist(), strict=True))
 
 
 def freeze_except(net: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -189,13 +223,20 @@ class LocalObjective:
         with DTP, the weighted sum of the per-task losses (and the weights move with this batch)."""
         if self.dtp is None:
             return self.loss_fn(*restrict_to_annotated(logits, target, self.present, self.merge))
-        self.dtp.observe(soft_dice(logits, target, self.present, self.merge))
-        weights = self.dtp.weights()
+        # On the device, without a host sync: the weights are tensors, read back once a job (sync_state).
+        self.dtp.observe_tensor(soft_dice_tensor(logits, target, self.present, self.merge))
+        weights = self.dtp.weights_tensor()
         total = None
-        for c in self.present:
-            term = weights[c] * self.task_losses[c](*restrict_to_annotated(logits, target, [c], self.merge))
+        for i, c in enumerate(self.present):
+            term = weights[i] * self.task_losses[c](*restrict_to_annotated(logits, target, [c], self.merge))
             total = term if total is None else total + term
         return total
+
+    def sync_state(self) -> None:
+        """Bring the state carried between rounds (DTP's averages, the dict given) up to date from the
+        device: once at the end of a job."""
+        if self.dtp is not None:
+            self.dtp.kbar  # noqa: B018 (the property writes the averages back)
 
     def proximal(self) -> torch.Tensor | None:
         return proximal_term(self.params, self.anchor, self.mu) if self.mu > 0 else None

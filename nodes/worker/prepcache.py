@@ -10,6 +10,10 @@ CRC-32 of the tensor bytes, so a truncated or damaged entry is detected, removed
 instead of failing a job. Entries are written to a temporary file and renamed into place, so a
 reader sees a whole entry or none.
 
+An entry holds what :func:`.patches.finish_prepared` makes of a volume: image, uint8 label and, for a
+training volume, its foreground/background indices (so crops never rescan the label). An older entry
+without them (a float32 label, no indices) still loads: ``fetch`` completes it and writes it back.
+
 Nothing in here leaves the node: keys are hashes, and the entries hold voxels.
 """
 
@@ -94,11 +98,12 @@ def _dense(t: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
 
 
 class PrepCache:
-    """Preprocessed volumes on disk under ``root``; ``hits``, ``misses`` and ``rebuilt`` count lookups."""
+    """Preprocessed volumes on disk under ``root``; ``hits``, ``misses``, ``rebuilt`` and ``upgraded``
+    (hits completed and written back) count lookups."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.hits = self.misses = self.rebuilt = 0
+        self.hits = self.misses = self.rebuilt = self.upgraded = 0
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}{_SUFFIX}"
@@ -173,9 +178,15 @@ class PrepCache:
             raise CacheEntryError(f"cache entry {path.name}: {type(exc).__name__}: {exc}") from exc
 
     def fetch(self, volume: VolumeSpec, pipeline: list[dict], labels: list[str], lut: np.ndarray,
-              build: Callable[[], dict]) -> dict:
+              build: Callable[[], dict], complete: Callable[[dict], dict] | None = None) -> dict:
         """The prepared item for ``volume``: from the cache, else ``build()`` and stored. A damaged entry is
-        removed and rebuilt; a cache that cannot be written (disk full, read-only) only costs speed."""
+        removed and rebuilt; a cache that cannot be written (disk full, read-only) only costs speed.
+
+        ``complete``: brings an item up to what the trainer keeps (uint8 label, a training volume's
+        foreground/background indices; :func:`.patches.finish_prepared`), returning the item itself when
+        it is complete. Applied to built items and to hits; a hit it changed (an entry written before
+        indices were cached, or a volume that moved into the train split) is written back, so the work is
+        done once, and no entry is ever refused for lacking them."""
         try:
             key = cache_key(volume, pipeline, labels, lut)
         except OSError:
@@ -189,14 +200,23 @@ class PrepCache:
             item = None
         if item is not None:
             self.hits += 1
-            return item
+            done = complete(item) if complete else item
+            if done is not item:
+                self.upgraded += 1
+                self._store(key, done)
+            return done
         self.misses += 1
         item = build()
+        if complete:
+            item = complete(item)
+        self._store(key, item)
+        return item
+
+    def _store(self, key: str, item: dict) -> None:
         try:
             self.put(key, item)
         except OSError as exc:
             log.warning("could not write the preprocessing cache under %s: %s", self.root, exc)
-        return item
 
     # owner housekeeping ------------------------------------------------------------------------
     def entries(self) -> list[Path]:

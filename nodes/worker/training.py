@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
-from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+from monai.transforms import Compose
 
 from voxgrid.datasets import load_volume
 from voxgrid.datasets.folder import DataRoots
@@ -33,9 +33,11 @@ from voxgrid.privacy.metrics import MetricsRelease, release_dice
 from voxgrid.privacy.spec import DPSGD, TrainingContext
 
 from voxgrid.nodes.worker.devices import resolve_device
+from voxgrid.nodes.worker.dp import clipped_grad_sum
 from voxgrid.nodes.worker.local_state import LocalState
 from voxgrid.nodes.worker.messages import VolumeSpec
 from voxgrid.nodes.worker.objective import LocalObjective, freeze_except
+from voxgrid.nodes.worker.patches import PatchLoader, finish_prepared, patch_crop
 
 
 @dataclass
@@ -82,10 +84,12 @@ def prepare(volumes: Iterable[VolumeSpec | dict], site_labels: dict[int, str], p
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for v in map(VolumeSpec.model_validate, volumes):
         allowed.check_source(v.source())
+        # Labels uint8; a training volume's foreground/background indices computed once, cached with it.
+        complete = partial(finish_prepared, train=v.split == "train")
         if cache is None:
-            item = _prepare_one(v, pre, lut)
+            item = complete(_prepare_one(v, pre, lut))
         else:
-            item = cache.fetch(v, plan.preprocessing, plan.labels, lut, lambda v=v: _prepare_one(v, pre, lut))
+            item = cache.fetch(v, plan.preprocessing, plan.labels, lut, lambda v=v: _prepare_one(v, pre, lut), complete)
         # The unit of privacy for DP-SGD: the volume's patient, else the volume itself (one volume, one patient).
         item = {**item, "patient": v.patient or v.case_id}
         splits[v.split].append(item)
@@ -183,6 +187,10 @@ class Trainer:
         self.bf16_supported = bf16_supported
         self._networks: dict[str, torch.nn.Module] = {}
         self._scalers: dict[str, torch.amp.GradScaler] = {}
+        #: Training volumes on the device for crops there (None: when they fit, :func:`.patches.fits_on_device`).
+        self.volumes_on_device: bool | None = None
+        #: The last plain training job's data path: seconds waited for batches, seconds cropping, where.
+        self.data_path: dict = {}
 
     def precision(self, plan: Plan) -> Precision:
         return pick_precision(plan.amp, self.device, self.bf16_supported)
@@ -225,29 +233,26 @@ class Trainer:
         if spec is not None and spec.dp_sgd is not None:
             return self.train_dp_sgd(plan, net, data, seed, present, spec.dp_sgd)
         torch.manual_seed(seed)
-        rng = random.Random(seed)
-        crop = _patch_crop(plan, plan.samples_per_volume, seed)
+        # Patches are cropped ahead of the step (a thread, or on the GPU), from cached indices (.patches).
+        loader = PatchLoader(data, _patch_crop(plan, plan.samples_per_volume, seed), batch_size=plan.batch_size,
+                             samples_per_volume=plan.samples_per_volume, seed=seed, device=self.device,
+                             on_device=self.volumes_on_device)
         objective = LocalObjective(plan, present, net, dtp_state)
         opt = build_optimizer(plan, net.parameters())
         precision, scaler = self.precision(plan), self.scaler(plan)
         net.train()
-        losses, steps, skipped = [], 0, 0
+        # Summed on the device, read once: float(loss) every step would make the host wait for the GPU.
+        loss_sum, steps, skipped = torch.zeros((), device=self.device), 0, 0
+        n_steps = plan.steps_per_epoch or loader.batches_per_pass(plan.samples_per_volume)
         for _ in range(plan.local_epochs):
-            samples = [s for item in data for s in crop(item)]
-            rng.shuffle(samples)
-            batches = [samples[i:i + plan.batch_size] for i in range(0, len(samples), plan.batch_size)]
-            n_steps = plan.steps_per_epoch or len(batches)
-            for step in range(n_steps):
-                batch = batches[step % len(batches)]
-                x = torch.stack([s["image"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
-                y = torch.stack([s["label"].as_tensor() for s in batch]).to(self.device, non_blocking=True)
+            for x, y in loader.epoch(n_steps):  # y: uint8 class indices; the losses take them as they are
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.autocast):
                     data_loss = objective.data_loss(net(x), y)
                 prox = objective.proximal()  # float32, outside autocast
                 loss = data_loss if prox is None else data_loss + prox
                 if optimizer_step(opt, loss, scaler):
-                    losses.append(float(data_loss.detach()))  # comparable across strategies
+                    loss_sum += data_loss.detach().float()  # the data loss: comparable across strategies
                     steps += 1
                 else:
                     skipped += 1
@@ -255,25 +260,26 @@ class Trainer:
             logging.getLogger(__name__).warning("float16: the gradient scaler skipped %d of %d steps "
                                                 "(non-finite gradients); they are not counted", skipped,
                                                 steps + skipped)
-        return (float(np.mean(losses)) if losses else None), steps
+        objective.sync_state()  # DTP's averages back into dtp_state: one read from the device a job
+        self.data_path = {"wait_s": loader.wait_s, "crop_s": loader.crop_s, "on_device": loader.on_device}
+        return (float(loss_sum) / steps if steps else None), steps
 
     def train_dp_sgd(self, plan: Plan, net: torch.nn.Module, data: list[dict], seed: int, present: set[int],
                      f: DPSGD) -> tuple[None, int]:
         """Patient-level DP-SGD (see :class:`voxgrid.privacy.spec.DPSGD`); returns (None, optimiser steps).
 
-        Each step Poisson-samples the patients at rate q, takes one random patch of one random
-        volume of each sampled patient, and hands the per-patient gradients to Opacus's
-        ``DPOptimizer``, which clips each to ``max_grad_norm``, adds Gaussian noise to their sum
-        and divides by the expected batch (q * patients). A step with no patient sampled still
-        adds its noise: the analysis counts every step.
+        Each step Poisson-samples the patients at rate q and takes K (``augmentation_multiplicity``)
+        random patches of one random volume of each sampled patient; the mean of their gradients is
+        the patient's gradient, clipped to ``max_grad_norm`` and summed (:mod:`.dp`). Opacus's
+        ``DPOptimizer`` adds the Gaussian noise to the sum and divides by the expected batch
+        (q * patients). A step with no patient sampled still adds its noise: the analysis counts
+        every step.
 
-        Per-patient gradients come from one backward pass per sampled patient (microbatches of
-        one, as TF Privacy does), not from Opacus's ``GradSampleModule``: on the skeleton's
-        benchmark UNet at 32^3, batch 2 (CPU, one thread) the gradients took 1.8 times the plain
-        forward/backward this way, against 3.4 times with Opacus's hooks and 2.9 with its
-        functorch mode; and a patient's gradient then cannot depend on the other patients of the
-        batch whatever the loss does (the hooks are right only for losses that are sums over
-        samples). Clipping, noise and their accounting stay Opacus's.
+        Per-patient gradients come from one backward pass per sampled patient (its K views one
+        batch), not from Opacus's ``GradSampleModule`` (3.4 times a plain step with its hooks, 2.9
+        with its functorch mode on the benchmark UNet); a patient's gradient then cannot depend on
+        the other patients whatever the loss does. Clipping streams (a running clipped sum, no
+        per-patient buffer, Opacus's clip formula); noise and scaling are Opacus's.
         FedProx's proximal term depends on the weights only, not on any patient: its gradient is
         added after the noise. No mixed precision (fp32 clipping).
         The training loss is not reported (None): it is a statistic of the patients released
@@ -283,34 +289,37 @@ class Trainer:
 
         refuse_for_dp_sgd(plan, net)
         groups = _patient_groups(data)
-        q, n_steps = f.schedule(TrainingContext(len(groups), plan.batch_size, plan.local_epochs,
-                                                plan.steps_per_epoch))
+        ctx = TrainingContext(len(groups), plan.batch_size, plan.local_epochs, plan.steps_per_epoch)
+        (q, n_steps), sigma = f.schedule(ctx), f.sigma(ctx)  # sigma: derived here when the plan states a target
         torch.manual_seed(seed)
         # Who is sampled must stay secret (privacy amplification by subsampling assumes it), so the
         # sampling uses the OS's entropy, never the scientist's seed; noise too (dp_noise_generator).
         secret = secrets.SystemRandom()
-        crop = _patch_crop(plan, 1, secret.randrange(2**31))
+        crop = _patch_crop(plan, f.augmentation_multiplicity, secret.randrange(2**31))  # K views per patient
         objective = LocalObjective(plan, present, net)
         params = [p for p in net.parameters() if p.requires_grad]
-        opt = DPOptimizer(build_optimizer(plan, params), noise_multiplier=f.noise_multiplier,
+        opt = DPOptimizer(build_optimizer(plan, params), noise_multiplier=sigma,
                           max_grad_norm=f.max_grad_norm, expected_batch_size=q * len(groups),
                           loss_reduction="mean", generator=dp_noise_generator(_params_device(params, self.device)))
         net.train()
         zeroed = 0
         try:
             for _ in range(n_steps):
-                batch = [crop(secret.choice(g))[0] for g in groups if secret.random() < q]
+                sampled = [g for g in groups if secret.random() < q]
                 opt.zero_grad(set_to_none=True)
-                per_patient, bad = self._per_patient_grads(net, objective, params, batch)
+                summed, bad = clipped_grad_sum(net, objective.data_loss, params, sampled,
+                                               lambda g: self._views(crop(secret.choice(g))), f.max_grad_norm)
                 zeroed += bad
-                for p, g in zip(params, per_patient, strict=True):  # (0, ...) when nobody was sampled: noise only
-                    p.grad_sample = g
-                if opt.pre_step():  # clip, sum, noise, scale: p.grad is now the private gradient
-                    prox = objective.proximal()
-                    if prox is not None:
-                        for p, g in zip(params, torch.autograd.grad(prox, params), strict=True):
-                            p.grad += g
-                    opt.original_optimizer.step()
+                for p, g in zip(params, summed, strict=True):  # zeros when nobody was sampled: noise only
+                    p.summed_grad = g
+                opt.add_noise()  # Opacus: p.grad = sum + N(0, (sigma * C)^2) ...
+                for p in params:  # ... / (q * patients): Opacus's scale_grad, which reads grad_sample we never make
+                    p.grad /= opt.expected_batch_size
+                prox = objective.proximal()
+                if prox is not None:
+                    for p, g in zip(params, torch.autograd.grad(prox, params), strict=True):
+                        p.grad += g
+                opt.original_optimizer.step()
         finally:  # the network stays cached for the next job: leave no DP state on it
             for p in params:
                 p.summed_grad = None
@@ -319,25 +328,11 @@ class Trainer:
             logging.getLogger(__name__).warning("DP-SGD: %d non-finite per-patient gradients were zeroed", zeroed)
         return None, n_steps
 
-    def _per_patient_grads(self, net: torch.nn.Module, objective: LocalObjective, params: list[torch.Tensor],
-                           batch: list[dict]) -> tuple[list[torch.Tensor], int]:
-        """One backward pass per sampled patient, so each gradient is that patient's alone: a buffer
-        (patients, *shape) per parameter, and how many non-finite gradients were zeroed."""
-        per_patient = [torch.empty((len(batch), *p.shape), device=p.device, dtype=p.dtype) for p in params]
-        zeroed = 0
-        for i, s in enumerate(batch):
-            x = s["image"].as_tensor()[None].to(self.device)
-            y = s["label"].as_tensor()[None].to(self.device)
-            grads = torch.autograd.grad(objective.data_loss(net(x), y), params, allow_unused=True)
-            for buf, g in zip(per_patient, grads, strict=True):
-                buf[i] = 0 if g is None else g
-            # A NaN/inf gradient would make Opacus's clip factor NaN (or 0 * inf) and poison the sum;
-            # failing would leak which patient caused it. Zero it: norm 0 <= max_grad_norm.
-            if not all(bool(torch.isfinite(buf[i]).all()) for buf in per_patient):
-                for buf in per_patient:
-                    buf[i] = 0
-                zeroed += 1
-        return per_patient, zeroed
+    def _views(self, patches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One patient's K augmented patches as (images, labels), each (K, 1, *patch), on the device."""
+        x = torch.stack([s["image"].as_tensor() for s in patches]).to(self.device)
+        y = torch.stack([s["label"].as_tensor() for s in patches]).to(self.device)
+        return x, y
 
     @torch.no_grad()
     def evaluate(self, plan: Plan, net: torch.nn.Module, data: list[dict], present: set[int],
@@ -383,17 +378,10 @@ def _patient_groups(data: list[dict]) -> list[list[dict]]:
 
 
 def _patch_crop(plan: Plan, num_samples: int, seed: int) -> Compose:
-    """The plan's training patches: padded to the patch size, cropped foreground/background balanced
-    (as in the multi-site pancreas studies), then the plan's augmentation."""
-    keys = ["image", "label"]
-    crop = Compose([
-        SpatialPadd(keys=keys, spatial_size=plan.patch_size),
-        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=plan.patch_size, pos=plan.pos_neg[0],
-                               neg=plan.pos_neg[1], num_samples=num_samples, allow_smaller=False),
-        *build_transforms(plan.augmentation),
-    ])
-    crop.set_random_state(seed=seed)
-    return crop
+    """The plan's training patches (:func:`.patches.patch_crop`: padded to the patch size, cropped
+    foreground/background balanced around centres from the volume's cached indices, then the plan's
+    augmentation)."""
+    return patch_crop(plan.patch_size, plan.pos_neg, num_samples, build_transforms(plan.augmentation), seed)
 
 
 def _label_indices(label: torch.Tensor) -> torch.Tensor:
@@ -480,7 +468,7 @@ def run_job(trainer: Trainer, plan: Plan, kind: str, data: PreparedData, weights
     if release is not None or (spec is not None and spec.dp):
         loss = None  # a statistic of the patients that no noise covers
     if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(trainer.device)  # the job's own GPU, not the current device
     metrics = Metrics(loss=loss, dice=dice, mean_dice=float(np.mean(known)) if known else None,
                       samples=samples, steps=steps, compute_s=time.perf_counter() - t0,
                       device=trainer.device.type)

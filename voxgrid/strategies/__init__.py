@@ -1,8 +1,8 @@
 """Aggregation rules: one small class per rule, pure functions of their inputs and their state.
 
 One module per family: :mod:`.averaging` (FedAvg, FedAvgDice, FedProx, DWA), :mod:`.fedbn`
-(FedBN), :mod:`.fedopt`
-(FedAdam, FedYogi), :mod:`.robust` (Median, TrimmedMean); :mod:`.base` holds the shared types.
+(FedBN), :mod:`.fedopt` (FedAdam, FedYogi), :mod:`.robust` (Median, TrimmedMean), :mod:`.cyclic`
+(Cyclic: sequential, no aggregation); :mod:`.base` holds the shared types.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ from __future__ import annotations
 from voxgrid.strategies.averaging import DWA, FedAvg, FedAvgDice, FedProx
 from voxgrid.strategies.base import (ClientUpdate, Strategy, StrategyState, apply_delta, sample_weights,
                                      weighted_delta)
+from voxgrid.strategies.cyclic import Cyclic
 from voxgrid.strategies.fedbn import FedBN
 from voxgrid.strategies.fedopt import FedAdam, FedYogi
 from voxgrid.strategies.robust import Median, TrimmedMean
 
 #: Strategies by their ``name``: what :func:`from_config` can rebuild from a checkpoint.
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgDice, FedProx, DWA, FedBN, FedAdam, FedYogi, Median, TrimmedMean)
+    cls.name: cls for cls in (FedAvg, FedAvgDice, FedProx, DWA, FedBN, FedAdam, FedYogi, Median, TrimmedMean,
+                              Cyclic)
 }
 
 
@@ -34,5 +36,5 @@ def from_config(config: dict) -> Strategy:
 
 
 __all__ = ["ClientUpdate", "Strategy", "StrategyState", "STRATEGIES", "from_config", "FedAvg", "FedAvgDice",
-           "FedProx", "DWA", "FedBN", "FedAdam", "FedYogi", "Median", "TrimmedMean", "apply_delta", "sample_weights",
+           "FedProx", "DWA", "FedBN", "Cyclic", "FedAdam", "FedYogi", "Median", "TrimmedMean", "apply_delta", "sample_weights",
            "weighted_delta"]

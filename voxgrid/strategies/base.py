@@ -68,6 +68,10 @@ class Strategy(ABC):
     #: None: the rule needs individual updates, and :attr:`secure_refusal` says why.
     secure_weight: ClassVar[Literal["samples", "val_dice"] | None] = None
     secure_refusal: ClassVar[str] = "it needs every node's own update, which secure aggregation hides"
+    #: True: the model visits the sites one after another (each a train job from the previous one's
+    #: weights, :mod:`voxgrid.sequential`) and the strategy has ``visits(round, n_sites) -> [index]``;
+    #: False: every site trains from the same global weights and :meth:`aggregate` combines them.
+    sequential: ClassVar[bool] = False
 
     @abstractmethod
     def aggregate(self, global_weights: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
@@ -81,6 +85,10 @@ class Strategy(ABC):
         paths share one step.
         """
         raise TypeError(f"strategy {self.name!r} cannot run under secure aggregation: {self.secure_refusal}")
+
+    def train_jobs_per_round(self) -> int:
+        """Train jobs each site runs per round; each is a release its node accounts (budgets, approvals)."""
+        return 1
 
     def configure_plan(self, plan: Plan) -> Plan:
         """The plan the nodes should run: lets a strategy set client-side options (``plan.local``).

@@ -1,0 +1,220 @@
+"""DP that learns (issue 14): privacy targets instead of noise, augmentation multiplicity, group norm,
+fine-tuning part of the network, pretraining on the scientist's own volumes, noised metrics said so."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.losses import DiceCELoss
+
+import voxgrid
+from voxgrid import tensors
+from voxgrid.datasets import make_phantom
+from voxgrid.datasets.phantoms import SiteSpec
+from voxgrid.evaluation import CrossSiteTable
+from voxgrid.nodes.service.node import Invalid
+from voxgrid.nodes.worker.dp import clip_factor, clipped_grad_sum, patient_gradient
+from voxgrid.nodes.worker.objective import freeze_except
+from voxgrid.nodes.worker.training import Trainer, refuse_for_dp_sgd
+from voxgrid.plan import PlanError, build_network, initial_weights
+from voxgrid.privacy import PrivacySpec, PrivacySpecError, TrainingContext
+from voxgrid.privacy.accountant import GaussianEvent, epsilon
+from voxgrid.privacy.calibration import RTOL, noise_for_target
+from voxgrid.selection import SelectedModel
+from voxgrid.wire import EstimateRequest
+
+from test_privacy_node import ALICE, finish, node, request  # noqa: F401  (the node fixture)
+
+LABELS = ["background", "pancreas"]
+TINY = dict(channels=(4, 8), strides=(2,), num_res_units=1, patch_size=(16, 16, 16), amp=False)
+TARGET = {"mechanism": "dp_sgd", "target_epsilon": 4.0, "rounds": 3, "max_grad_norm": 1.0, "delta": 1e-5}
+
+
+def _volume(seed: int, patient: str, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    image = 0.1 * torch.randn(1, size, size, size, generator=g)
+    label = torch.zeros(1, size, size, size)
+    image[:, 4:10, 4:10, 4:10] += 1.0
+    label[:, 4:10, 4:10, 4:10] = 1.0
+    return {"image": MetaTensor(image), "label": MetaTensor(label), "patient": patient}
+
+
+# --- the privacy target -----------------------------------------------------------------------------
+# Rates whose RDP has a closed form or converges fast (q = 0.5 evaluates a slow series: seconds per target).
+@pytest.mark.parametrize("target,q,steps", [(8.0, 1.0, 10), (1.0, 0.02, 400), (4.0, 1.0, 3)])
+def test_derived_noise_meets_the_target_and_no_less_noise_would(target, q, steps):
+    z = noise_for_target(target, 1e-5, q, steps)
+    assert epsilon([GaussianEvent(z, q, steps)], 1e-5) <= target
+    assert epsilon([GaussianEvent(z * (1 - RTOL), q, steps)], 1e-5) > target
+
+
+def test_a_target_covers_all_planned_rounds_and_the_receipt_states_the_derived_noise():
+    spec = PrivacySpec.parse(TARGET)
+    ctx = TrainingContext(patients=10, batch_size=10, local_epochs=2)  # q = 1, 2 steps a job
+    z = spec.dp_sgd.sigma(ctx)
+    assert z == noise_for_target(4.0, 1e-5, 1.0, 2 * 3)
+    assert spec.events(ctx) == [GaussianEvent(z, 1.0, 2)]
+    assert epsilon(spec.events(ctx) * 3, 1e-5) <= 4.0 < epsilon(spec.events(ctx) * 4, 1e-5)
+    assert spec.parameters(ctx)[0]["noise_multiplier"] == z
+    assert spec.noise_multiplier(ctx) == z
+    with pytest.raises(ValueError, match="TrainingContext"):
+        spec.noise_multiplier()
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"noise_multiplier": 1.0}, "exactly one of noise_multiplier or target_epsilon"),
+    ({"rounds": None}, "target_epsilon needs rounds"),
+    ({"target_epsilon": 0}, r"plan\.privacy\.target_epsilon"),
+    ({"target_epsilon": 1e6}, r"plan\.privacy\.target_epsilon"),
+    ({"delta": 1.0}, r"plan\.privacy\.delta"),
+    ({"rounds": 0}, r"plan\.privacy\.rounds"),
+    ({"augmentation_multiplicity": 0}, r"plan\.privacy\.augmentation_multiplicity"),
+    ({"augmentation_multiplicity": 33}, r"plan\.privacy\.augmentation_multiplicity"),
+])
+def test_bad_target_fields_are_refused_naming_the_field(change, field):
+    spec = {k: v for k, v in {**TARGET, **change}.items() if v is not None}
+    with pytest.raises(PrivacySpecError, match=field):
+        PrivacySpec.parse(spec)
+
+
+def test_the_node_derives_the_noise_itself_and_refuses_an_unreachable_target(node):  # noqa: F811
+    req = request(node, TARGET)
+    job = node.submit(ALICE, req)
+    entry = node.ledger.entry(job.job_id)
+    p = entry.parameters[0]  # the fixture's dataset: 2 train patients, batch 2 -> q = 1, 1 step a job
+    assert (p["sample_rate"], p["steps"]) == (1.0, 1)
+    assert p["noise_multiplier"] == noise_for_target(4.0, 1e-5, 1.0, 3)
+    assert entry.epsilon == pytest.approx(epsilon([GaussianEvent(p["noise_multiplier"], 1.0, 1)], 1e-5))
+    assert epsilon([GaussianEvent(p["noise_multiplier"], 1.0, 3)], 1e-5) <= 4.0
+    finish(node, job.job_id)
+    est = node.privacy_estimate(ALICE, EstimateRequest(dataset="ct", privacy=TARGET, releases=3, plan=req.plan))
+    assert est.epsilon_total <= 4.0 + 1e-9
+    with pytest.raises(Invalid, match="no noise multiplier") as e:  # 10,000 rounds at epsilon 0.01
+        node.submit(ALICE, request(node, {**TARGET, "target_epsilon": 1e-4, "rounds": 10_000}, round=1))
+    assert e.value.status == 422
+
+
+# --- augmentation multiplicity ---------------------------------------------------------------------
+def test_a_patients_gradient_is_the_mean_of_its_views_gradients_before_clipping():
+    plan = voxgrid.unet_plan(LABELS, **TINY, norm="group")
+    torch.manual_seed(0)
+    net = build_network(plan)
+    params = list(net.parameters())
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)  # batch-reducing Dice: slices must not mix
+    x = torch.rand(3, 1, 16, 16, 16)
+    y = (torch.rand(3, 1, 16, 16, 16) > 0.7).float()
+    got = patient_gradient(net, loss, params, x, y)
+    views = [torch.autograd.grad(loss(net(x[k:k + 1]), y[k:k + 1]), params) for k in range(3)]
+    for i, g in enumerate(got):
+        torch.testing.assert_close(g, sum(v[i] for v in views) / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_the_clipped_sum_bounds_each_patient_and_zeroes_a_non_finite_one():
+    plan = voxgrid.unet_plan(LABELS, **TINY, norm="group")
+    torch.manual_seed(0)
+    net = build_network(plan)
+    params = list(net.parameters())
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    patients = [(torch.rand(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float()) for _ in range(3)]
+    clip = 1e-3
+    total, zeroed = clipped_grad_sum(net, loss, params, patients, lambda v: v, clip)
+    want = [torch.zeros_like(p) for p in params]
+    for x, y in patients:
+        g = patient_gradient(net, loss, params, x, y)
+        norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g))
+        assert norm > clip  # so clipping acts
+        for w, t in zip(want, g, strict=True):
+            w += t * (clip / (norm + 1e-6))
+    for a, b in zip(total, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    assert zeroed == 0 and clip_factor([torch.tensor([float("nan")])], clip) == 0.0
+    assert clip_factor([torch.tensor([3.0, 4.0])], 10.0) == 1.0
+
+
+def test_dp_sgd_with_a_target_and_k_views_trains_only_the_head_when_asked():
+    plan = voxgrid.unet_plan(LABELS, **TINY, norm="group", batch_size=2, lr=1e-2,
+                             privacy={**TARGET, "augmentation_multiplicity": 3, "sample_rate": 1.0})
+    head = "model.2"
+    plan = plan.with_local(train_only=[head])
+    torch.manual_seed(0)
+    net = build_network(plan)
+    refuse_for_dp_sgd(plan, net)  # group norm: no running statistics, per sample
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    frozen = freeze_except(net, plan.local.train_only)
+    loss, steps = Trainer(torch.device("cpu")).train(plan, net, [_volume(i, f"p{i}", 20) for i in range(3)],
+                                                     seed=0, present={1})
+    for p in frozen:
+        p.requires_grad_(True)
+    assert loss is None and steps == 1  # q = 1: one step a local epoch
+    moved = {k for k, v in net.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved and all(k.startswith(head + ".") for k in moved)  # frozen parameters leave unchanged
+
+
+# --- the plan: group norm -----------------------------------------------------------------------------
+def test_unet_plan_offers_group_norm_and_checks_the_groups():
+    plan = voxgrid.unet_plan(LABELS, **TINY, norm="group", norm_groups=2)
+    norms = [m for m in build_network(plan).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 2 for m in norms)
+    assert "norm" not in voxgrid.unet_plan(LABELS, **TINY).network  # the default keeps its hash
+    with pytest.raises(PlanError, match="norm_groups=3"):
+        voxgrid.unet_plan(LABELS, **TINY, norm="group", norm_groups=3)
+
+
+# --- pretraining, and an experiment that starts from it ---------------------------------------------
+def test_pretraining_learns_and_an_experiment_starts_from_its_weights():
+    plan = voxgrid.unet_plan(LABELS, **TINY, norm="group", batch_size=4, samples_per_volume=2, lr=1e-2)
+    site = SiteSpec(name="public", n_volumes=4, labels={1: "pancreas"}, shape=(16, 16, 16))
+    volumes = [make_phantom(site, i) for i in range(4)]
+    lines = []
+    w = voxgrid.pretrain(plan, volumes, epochs=6, seed=1, echo=lines.append)
+    losses = [float(line.split("mean loss ")[1].split()[0]) for line in lines]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert w.keys() == initial_weights(plan).keys()
+    assert voxgrid.pretrain(plan, volumes, epochs=6, seed=1).keys() == w.keys()
+    again = voxgrid.pretrain(plan, volumes, epochs=1, seed=1, initial=w)  # continues from given weights
+    assert any(not torch.equal(again[k], w[k]) for k in w)
+    with pytest.raises(ValueError, match="no label map"):
+        voxgrid.pretrain(plan, [type(volumes[0])(volumes[0].image, volumes[0].affine)], epochs=1)
+
+
+def test_a_target_must_cover_the_experiments_rounds_and_brought_weights_are_sent():
+    from voxgrid.pointers import DatasetPointer
+
+    pointer = DatasetPointer.__new__(DatasetPointer)  # the check runs before any node is asked
+    plan = voxgrid.unet_plan(LABELS, **TINY, privacy=TARGET)
+    with pytest.raises(ValueError, match=r"plan\.privacy\.rounds"):
+        voxgrid.Experiment(plan, [pointer], rounds=5, initial=initial_weights(plan))
+    # the weights the scientist brings are the ones every node is sent (PUT /v1/weights, safetensors)
+    brought = initial_weights(plan, seed=7)
+    exp = voxgrid.Experiment(plan, [pointer], rounds=3, initial=brought)
+    sent = tensors.loads(exp._global_blob()[0])
+    assert sent.keys() == brought.keys() and all(torch.equal(sent[k], brought[k]) for k in brought)
+    assert any(not torch.equal(brought[k], v) for k, v in initial_weights(plan, seed=0).items())
+
+
+# --- noised metrics are said so ----------------------------------------------------------------------
+def test_the_cross_site_table_says_which_dice_is_noised():
+    plan = voxgrid.unet_plan(LABELS, **TINY)
+    m = SelectedModel("FL global best", {}, plan, "e", 0, 0.5, noise_sd=0.04)
+    table = CrossSiteTable("test", ["a", "b"], {"a": ["pancreas"], "b": ["pancreas"]}, [m],
+                           {m.name: {"a": {"pancreas": 0.5}, "b": {"pancreas": 0.7}}}, {}, noise_sd={"b": 0.031})
+    text = str(table)
+    assert "Dice at b is noised" in text and "0.031" in text and "Dice at a is noised" not in text
+    assert "selected by validation Dice noised" in text
+    assert np.isclose(table.average(m.name)["mean"], 0.6)
+    plain = CrossSiteTable("test", ["a"], {"a": ["pancreas"]}, [SelectedModel("x", {}, plan, "e", 0)],
+                           {"x": {"a": {"pancreas": 0.5}}}, {})
+    assert "noised" not in str(plain)
+
+
+def test_the_nodes_batch_limit_bounds_the_views_of_a_patient():
+    from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
+    from voxgrid.nodes.service.store import VolumeRecord
+
+    plan = voxgrid.unet_plan(LABELS, **TINY, batch_size=2, privacy={**TARGET, "augmentation_multiplicity": 8})
+    vols = [VolumeRecord(f"c{i}", "", None, "nifti", "train") for i in range(4)]
+    check_plan(plan, JobLimits(), vols)  # K = 8 <= the default 32
+    with pytest.raises(LimitExceeded, match=r"plan\.privacy\.augmentation_multiplicity: 8 .* limit of 4"):
+        check_plan(plan, JobLimits(max_batch_size=4), vols)
