@@ -103,6 +103,9 @@ def test_cyclic_over_real_nodes_checkpoints_resumes_and_each_hop_is_a_release(tw
     assert [s.ok for s in r.sites] == [True, True], r.sites
     assert all(s.test_dice and set(s.test_dice) == set(s.val_dice) for s in r.sites)  # scored at every site
     assert any(not torch.equal(start[k], exp.global_weights[k]) for k in start)
+    # the hops ran one after another: the round's compute is every hop's, not the slowest site's
+    assert r.compute_s == pytest.approx(sum(s.compute_s for s in r.sites))
+    assert r.compute_s > max(s.compute_s for s in r.sites) > 0
     # each hop was a release at its node: two passes -> two ledger entries per site, through the filter
     for i in range(2):
         entries = [e for e in two_sites.node_client(i).ledger().entries if e.state == "released"]

@@ -209,6 +209,58 @@ def test_the_cross_site_table_says_which_dice_is_noised():
     assert "noised" not in str(plain)
 
 
+def _noised_status(kind, dice, sd=None):
+    """A finished job as a node reports it; with ``sd`` its receipt says the Dice left noised with that std."""
+    from voxgrid.privacy.metrics import MetricsRelease
+    from voxgrid.privacy.records import Receipt
+    from voxgrid.wire import JobStatus, Metrics
+
+    receipt = None
+    if sd is not None:
+        release = MetricsRelease(dice="noised", loss="withheld", split="val", noise_multiplier=sd / 0.5,
+                                 sensitivity=0.5, delta=1e-5)
+        receipt = Receipt(job_id="j", dataset="a", scientist="alice", mechanism="gaussian_dice", dp=True, epsilon=1.0,
+                          delta=1e-5, cumulative_epsilon=1.0, parameters=[release.model_dump()], note="")
+    return JobStatus(job_id="j", kind=kind, experiment_id="e", round=0, dataset="a", state="done", privacy=receipt,
+                     metrics=Metrics(dice={"pancreas": dice}, mean_dice=dice, samples=3), has_update=kind == "train")
+
+
+def test_fl_local_selection_and_the_round_table_say_when_their_dice_is_noised():
+    from voxgrid.pointers import DatasetPointer
+    from voxgrid.reports import RoundResult, SiteResult, dice_table, history_frame
+    from voxgrid.selection import ModelSelection, client_update
+    from voxgrid.wire import DatasetInfo
+
+    plan = voxgrid.unet_plan(LABELS, **TINY)
+    pa, pb = (DatasetPointer(f"node-{n}", f"https://{n}", DatasetInfo(name=n, tags=[], volumes=4, label_names=LABELS, splits={}),
+                             None)
+              for n in "ab")
+    noised, exact = client_update(pa, _noised_status("train", 0.7, sd=0.05), {}), \
+        client_update(pb, _noised_status("train", 0.6), {})
+    assert noised.metrics["dice_noise_sd"] == pytest.approx(0.05) and exact.metrics["dice_noise_sd"] is None
+    sel = ModelSelection(plan, "e")
+    sel.observe_local(0, {}, [noised, exact])
+    by_site = {m.site: m for m in sel.models()}
+    assert by_site[noised.site].noise_sd == pytest.approx(0.05) and by_site[exact.site].noise_sd is None
+    table = CrossSiteTable("test", ["a"], {"a": ["pancreas"]}, sel.models(),
+                           {m.name: {"a": {"pancreas": 0.5}} for m in sel.models()}, {})
+    text = str(table)
+    assert f"FL local ({noised.site}) was selected by validation Dice noised at the nodes (std up to 0.050)" in text
+    assert f"FL local ({exact.site}) was selected" not in text
+    back = ModelSelection(plan, "e")
+    back.load(sel.state())  # a resumed experiment still knows
+    assert {m.site: m.noise_sd for m in back.models()} == {m.site: m.noise_sd for m in sel.models()}
+
+    sites = [SiteResult("node-a", "a", True, test_dice={"pancreas": 0.7}, test_dice_noise_sd=0.031),
+             SiteResult("node-b", "b", True, test_dice={"pancreas": 0.6})]
+    r = RoundResult(round=0, sites=sites, wall_s=1.0, compute_s=0.5, train_wall_s=0.8)
+    text = dice_table(r, ["pancreas"])
+    assert "Dice at a@node-a is noised by its node (privacy budget): Gaussian, std 0.031" in text
+    assert "b@node-b is noised" not in text
+    assert list(history_frame([r])["dice_noise_sd"].fillna(0)) == [0.031, 0.0]
+    assert RoundResult.from_dict(r.to_dict()).sites[0].test_dice_noise_sd == 0.031  # kept in checkpoints
+
+
 def test_the_nodes_batch_limit_bounds_the_views_of_a_patient():
     from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
     from voxgrid.nodes.service.store import VolumeRecord

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from voxgrid import tensors
 from voxgrid.jobs import JOB_ERRORS, JobRunner, across_nodes, describe
 from voxgrid.pointers import DatasetPointer
+from voxgrid.reports import noise_note
 from voxgrid.selection import SelectedModel, dice_noise_sd, mean_score
 from voxgrid.wire import JobRequest
 
@@ -86,8 +87,7 @@ class CrossSiteTable:
 
     def noise_notes(self) -> list[str]:
         """Lines saying which Dice (and which selections) are noised, and by how much; none without noise."""
-        notes = [f"note: Dice at {s} is noised by its node (privacy budget): Gaussian, std {sd:.3f} per class; "
-                 "differences within about 2 std are noise" for s, sd in sorted(self.noise_sd.items())]
+        notes = [noise_note(s, sd) for s, sd in sorted(self.noise_sd.items())]
         notes += [f"note: {m.name} was selected by validation Dice noised at the nodes (std up to {m.noise_sd:.3f})"
                   for m in self.models if m.noise_sd]
         return notes

@@ -24,9 +24,9 @@ from voxgrid.pointers import DatasetPointer
 from voxgrid.privacy import PrivacySpec
 from voxgrid.reports import RoundResult, SiteResult
 from voxgrid.secure import check_secure, round_config, secure_round
-from voxgrid.selection import ModelSelection, dice_noise_sd, mean_score
+from voxgrid.selection import ModelSelection, client_update, dice_noise_sd, mean_score
 from voxgrid.sequential import sequential_round
-from voxgrid.strategies import ClientUpdate, FedAvg, Strategy
+from voxgrid.strategies import FedAvg, Strategy
 from voxgrid.tensors import StateDict
 from voxgrid.wire import NAME_RE, JobRequest, JobStatus, SecureAggregation
 
@@ -137,7 +137,9 @@ class Experiment:
         outcomes, secure_s = self._secure_round(rnd) if self.secure_aggregation else (self._plain_round(rnd), {})
         train_wall = time.perf_counter() - t0
         sites = [SiteResult.from_status(p, st, err) for p, (st, err) in zip(self.pointers, outcomes, strict=True)]
-        compute = max((s.compute_s for s in sites if s.ok), default=0.0)
+        # the critical path: the slowest node, or with a sequential strategy every hop one after another
+        computes = [s.compute_s for s in sites if s.ok]
+        compute = sum(computes) if self.strategy.sequential else max(computes, default=0.0)
         t1 = time.perf_counter()
         if self.evaluate:
             self._score(rnd, sites)
@@ -167,8 +169,7 @@ class Experiment:
         trained = across_nodes(lambda p: self._train_one(p, rnd, blob, wid), self.pointers)
         outcomes = [(st, err) for st, _, err in trained]
         self._check_answered(rnd, outcomes)
-        updates = [ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
-                                metrics=st.metrics.model_dump())
+        updates = [client_update(p, st, delta)
                    for p, (st, delta, err) in zip(self.pointers, trained, strict=True) if err is None]
         start, self.global_weights = self.global_weights, self.strategy.aggregate(self.global_weights, updates)
         if self.selection:
@@ -230,20 +231,24 @@ class Experiment:
         return self._blob_cache[1], self._blob_cache[2]
 
     def _score(self, rnd: int, sites: list[SiteResult], split: str = "test") -> None:
+        """Score the global model on every site's ``split``; on the test split each site also keeps the std of
+        the noise its node added to those Dice (budgeted datasets), the val split feeds selection."""
         blob, wid = self._global_blob()
-        noise: list[float] = []  # the std each node added to its Dice (budgeted datasets), for selection's output
 
-        def one(p: DatasetPointer):
+        def one(p: DatasetPointer) -> tuple[dict, float | None]:
             try:
                 st = self._await(p, self._job(p, rnd, wid, "evaluate", split=split), blob)
-                noise.append(dice_noise_sd(st.privacy) or 0.0)
-                return dict(st.metrics.dice)
+                return dict(st.metrics.dice), dice_noise_sd(st.privacy)
             except JOB_ERRORS:
-                return {}
+                return {}, None
 
-        for site, dice in zip(sites, across_nodes(one, self.pointers), strict=True):
-            setattr(site, "test_dice" if split == "test" else "global_val_dice", dice)
-        self._score_noise_sd = max(noise, default=0.0)
+        scored = across_nodes(one, self.pointers)
+        for site, (dice, sd) in zip(sites, scored, strict=True):
+            if split == "test":
+                site.test_dice, site.test_dice_noise_sd = dice, sd
+            else:
+                site.global_val_dice = dice
+        self._score_noise_sd = max((sd or 0.0 for _, sd in scored), default=0.0)
 
     def _select(self, rnd: int, sites: list[SiteResult]) -> None:
         """Score the new global model on every site's val split; keep it if it is the best so far."""

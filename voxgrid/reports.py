@@ -33,6 +33,7 @@ class SiteResult:
     compute_s: float = 0.0
     global_val_dice: dict = field(default_factory=dict)  # the new global model on the val split (select=True)
     privacy: dict | None = None  # the node's privacy receipt for this release (voxgrid.privacy.Receipt as JSON)
+    test_dice_noise_sd: float | None = None  # std of the noise the node added to each test Dice (None: exact)
 
     @property
     def site(self) -> str:
@@ -97,6 +98,7 @@ def history_frame(history: Sequence[RoundResult]):
             row = {"round": r.round, "site": s.site, "ok": s.ok, "samples": s.samples, "loss": s.loss,
                    "compute_s": round(s.compute_s, 3)}
             row.update({f"dice[{k}]": v for k, v in s.test_dice.items()})
+            row["dice_noise_sd"] = s.test_dice_noise_sd
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -111,7 +113,14 @@ def dice_table(r: RoundResult, classes: Sequence[str]) -> str:
         known = [v for v in vals if v is not None]
         mean = f"{sum(known) / len(known):.3f}" if known else "-"
         lines.append(f"{s.site:<28}{cells}{mean:>10}" + ("" if s.ok else f"  (dropped: {s.error})"[:80]))
+    lines += [noise_note(s.site, s.test_dice_noise_sd) for s in r.sites if s.test_dice_noise_sd]
     return "\n".join(lines)
+
+
+def noise_note(site: str, sd: float) -> str:
+    """The line under a Dice table for a site whose node noised the Dice it released."""
+    return (f"note: Dice at {site} is noised by its node (privacy budget): Gaussian, std {sd:.3f} per class; "
+            "differences within about 2 std are noise")
 
 
 PRIVACY_COLUMNS = ["round", "site", "mechanism", "dp", "epsilon", "cumulative_epsilon", "delta", "note"]

@@ -5,6 +5,9 @@
 * "FL local": for each site, the local model (start weights + the delta it released) of the round
   in which the site's own validation mean Dice, measured by its train job, was best.
 
+On a budgeted dataset a node noises the Dice it releases; a model chosen on noised scores says so
+(``SelectedModel.noise_sd``), and the cross-site table prints it under the table.
+
 Ties keep the earlier round. Scores a site did not report (None) are left out of the average.
 """
 
@@ -49,6 +52,14 @@ def dice_noise_sd(receipt) -> float | None:
     return release.std if release is not None and release.dice == "noised" else None
 
 
+def client_update(p, st, delta: StateDict) -> ClientUpdate:
+    """What a node released with its train job (its pointer ``p`` and final ``st``, a
+    :class:`voxgrid.wire.JobStatus`): the metrics carry ``dice_noise_sd`` when its Dice was noised."""
+    metrics = st.metrics.model_dump()
+    metrics["dice_noise_sd"] = dice_noise_sd(st.privacy)
+    return ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples, metrics=metrics)
+
+
 def mean_score(values: Mapping[str, float | None] | Sequence[float | None]) -> float | None:
     """Mean of the finite values, None if there are none."""
     vals = values.values() if isinstance(values, Mapping) else values
@@ -65,13 +76,15 @@ class ModelSelection:
         self.best_local: dict[str, SelectedModel] = {}
 
     def observe_local(self, rnd: int, start: StateDict, updates: Sequence[ClientUpdate]) -> None:
-        """Round ``rnd``'s updates (deltas from ``start``) with their val ``mean_dice`` in ``metrics``."""
+        """Round ``rnd``'s updates (deltas from ``start``) with their val ``mean_dice`` in ``metrics`` (and
+        ``dice_noise_sd``, the std of the noise the node added to it, when it was noised)."""
         for u in updates:
             score = mean_score([u.metrics.get("mean_dice")])
             best = self.best_local.get(u.site)
             if score is not None and (best is None or score > best.score):
                 self.best_local[u.site] = SelectedModel(f"FL local ({u.site})", apply_delta(start, u.delta), self.plan,
-                                                        self.experiment_id, rnd, score, u.site)
+                                                        self.experiment_id, rnd, score, u.site,
+                                                        noise_sd=u.metrics.get("dice_noise_sd") or None)
 
     def observe_global(self, rnd: int, weights: StateDict, site_scores: Mapping[str, float | None],
                        noise_sd: float | None = None) -> None:
@@ -92,10 +105,11 @@ class ModelSelection:
         tensors, meta = {}, {"global": None, "local": []}
         if self.best_global:
             tensors.update({f"global/{k}": v for k, v in self.best_global.weights.items()})
-            meta["global"] = {"round": self.best_global.round, "score": self.best_global.score}
+            meta["global"] = {"round": self.best_global.round, "score": self.best_global.score,
+                              "noise_sd": self.best_global.noise_sd}
         for i, (site, m) in enumerate(sorted(self.best_local.items())):
             tensors.update({f"local/{i}/{k}": v for k, v in m.weights.items()})
-            meta["local"].append({"site": site, "round": m.round, "score": m.score})
+            meta["local"].append({"site": site, "round": m.round, "score": m.score, "noise_sd": m.noise_sd})
         return StrategyState(tensors=tensors, meta=meta)
 
     def load(self, state: StrategyState) -> None:
@@ -104,7 +118,9 @@ class ModelSelection:
 
         g = state.meta.get("global")
         self.best_global = None if not g else SelectedModel("FL global best", part("global/"), self.plan,
-                                                            self.experiment_id, g["round"], g["score"])
+                                                            self.experiment_id, g["round"], g["score"],
+                                                            noise_sd=g.get("noise_sd"))
         self.best_local = {m["site"]: SelectedModel(f"FL local ({m['site']})", part(f"local/{i}/"), self.plan,
-                                                    self.experiment_id, m["round"], m["score"], m["site"])
+                                                    self.experiment_id, m["round"], m["score"], m["site"],
+                                                    noise_sd=m.get("noise_sd"))
                            for i, m in enumerate(state.meta.get("local", []))}

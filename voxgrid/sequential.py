@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from voxgrid import tensors
 from voxgrid.jobs import JOB_ERRORS, describe
-from voxgrid.strategies import ClientUpdate
+from voxgrid.selection import client_update
 from voxgrid.wire import JobStatus
 
 if TYPE_CHECKING:
@@ -26,7 +26,8 @@ Outcome = tuple[JobStatus | None, str | None]
 def sequential_round(exp: Experiment, rnd: int) -> list[Outcome]:
     """Run round ``rnd`` of ``exp`` hop by hop; set ``exp.global_weights`` to the last hop's weights.
 
-    Returns per pointer (its last hop's status, None) or (None, why it was dropped), as
+    Returns per pointer (its last hop's status, its ``compute_s`` summed over the site's hops, and None)
+    or (None, why it was dropped), as
     :meth:`Experiment._plain_round` does. With ``exp.selection``, each hop's local model is observed
     against the weights that hop started from.
     """
@@ -50,8 +51,10 @@ def sequential_round(exp: Experiment, rnd: int) -> list[Outcome]:
             outcomes[i] = (None, describe(exc))
             dropped.add(i)
             continue
-        update = ClientUpdate(node=p.node, dataset=p.name, delta=delta, samples=st.metrics.samples,
-                              metrics=st.metrics.model_dump())
+        if outcomes[i][0] is not None:  # a later pass: the site's compute is every hop's it ran
+            spent = outcomes[i][0].metrics.compute_s + st.metrics.compute_s
+            st = st.model_copy(update={"metrics": st.metrics.model_copy(update={"compute_s": spent})})
+        update = client_update(p, st, delta)
         if exp.selection:
             exp.selection.observe_local(rnd, weights, [update])
         weights = strategy.aggregate(weights, [update])
