@@ -15,7 +15,7 @@ from voxgrid.datasets import make_phantom
 from voxgrid.datasets.phantoms import SiteSpec
 from voxgrid.evaluation import CrossSiteTable
 from voxgrid.nodes.service.node import Invalid
-from voxgrid.nodes.worker.dp import clip_factor, clipped_grad_sum, patient_gradient
+from voxgrid.nodes.worker.dp import VmappedGradients, clip_factor, clipped_grad_sum, patient_gradient
 from voxgrid.nodes.worker.objective import freeze_except
 from voxgrid.nodes.worker.training import Trainer, refuse_for_dp_sgd
 from voxgrid.plan import PlanError, build_network, initial_weights
@@ -192,6 +192,75 @@ def test_a_target_must_cover_the_experiments_rounds_and_brought_weights_are_sent
     sent = tensors.loads(exp._global_blob()[0])
     assert sent.keys() == brought.keys() and all(torch.equal(sent[k], brought[k]) for k in brought)
     assert any(not torch.equal(brought[k], v) for k, v in initial_weights(plan, seed=0).items())
+
+
+# --- several patients at once under torch.func.vmap: the same clipped sum ---------------------------
+LOSS_SPECS = {
+    "DiceLoss": {"to_onehot_y": True, "softmax": True, "batch": True},
+    "DiceCELoss": {"to_onehot_y": True, "softmax": True, "weight": [0.2, 1.0, 3.0], "lambda_ce": 0.7},
+    "DiceFocalLoss": {"to_onehot_y": True, "softmax": True, "gamma": 2.0},
+    "GeneralizedDiceLoss": {"to_onehot_y": True, "softmax": True},
+    "TverskyLoss": {"to_onehot_y": True, "softmax": True, "alpha": 0.3, "beta": 0.7},
+    "FocalLoss": {"to_onehot_y": True, "use_softmax": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_SPECS))
+def test_vmapped_patients_give_the_loops_clipped_sum_for_every_allowlisted_loss(name):
+    from voxgrid.nodes.worker.objective import LocalObjective
+
+    labels = ["background", "pancreas", "tumor"]
+    plan = voxgrid.unet_plan(labels, **TINY, norm="group", norm_groups=1,
+                             loss={"_target_": name, **LOSS_SPECS[name]}).with_local(train_only=["model.2"])
+    torch.manual_seed(0)
+    net = build_network(plan)
+    freeze_except(net, plan.local.train_only)  # part of the network frozen: only the rest is vmapped
+    params = [q for q in net.parameters() if q.requires_grad]
+    objective = LocalObjective(plan, {1}, net)  # partial labels: tumour merged into the background
+    vloss = objective.vmap_loss()
+    if name == "GeneralizedDiceLoss":  # indexes with a boolean mask, which vmap cannot batch: one pass a patient
+        assert vloss is None
+        return
+    gen = torch.Generator().manual_seed(1)
+    patients = [(torch.rand(2, 1, 16, 16, 16, generator=gen), torch.randint(0, 2, (2, 1, 16, 16, 16), generator=gen,
+                                                                             dtype=torch.uint8)) for _ in range(5)]
+    patients[3] = (torch.full_like(patients[3][0], float("nan")), patients[3][1])  # a non-finite patient
+    for clip in (1e-3, 1e3):  # every patient clipped, none clipped
+        want, bad = clipped_grad_sum(net, objective.data_loss, params, patients, lambda v: v, clip)
+        batched = VmappedGradients(net, vloss, params)
+        got, bad_v = clipped_grad_sum(net, objective.data_loss, params, patients, lambda v: v, clip,
+                                      batched=batched, chunk=2)
+        assert batched.usable
+        assert bad == bad_v == 1
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-7)
+        assert all(bool(torch.isfinite(a).all()) for a in got)
+
+
+def test_a_network_vmap_cannot_batch_falls_back_to_one_pass_per_patient_with_the_same_sum(caplog):
+    from monai.networks.nets import AttentionUnet
+
+    torch.manual_seed(0)
+    net = AttentionUnet(3, 1, 2, (4, 8), (2,))  # adds in place into a captured tensor: vmap refuses it
+    params = list(net.parameters())
+    loss = DiceCELoss(softmax=True)
+    patients = [(torch.rand(1, 1, 16, 16, 16), torch.randint(0, 2, (1, 2, 16, 16, 16)).float()) for _ in range(3)]
+    want, _ = clipped_grad_sum(net, loss, params, patients, lambda v: v, 1e-3)
+    batched = VmappedGradients(net, loss, params)
+    got, _ = clipped_grad_sum(net, loss, params, patients, lambda v: v, 1e-3, batched=batched, chunk=2)
+    assert not batched.usable and "cannot be vmapped" in caplog.text
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_dtp_and_losses_without_one_hot_keep_one_pass_per_patient():
+    from voxgrid.nodes.worker.dp import patient_chunk
+    from voxgrid.nodes.worker.objective import LocalObjective
+
+    plan = voxgrid.unet_plan(LABELS, **TINY, norm="group", loss={"_target_": "DiceLoss", "softmax": True})
+    assert LocalObjective(plan, {1}, build_network(plan)).vmap_loss() is None
+    assert patient_chunk(1, 1_000) == 8 and patient_chunk(4, 1_000) == 2 and patient_chunk(16, 1_000) == 1
+    assert patient_chunk(1, 64 * 2**20) == 1  # 256 MiB of per-patient gradients at most
 
 
 # --- noised metrics are said so ----------------------------------------------------------------------

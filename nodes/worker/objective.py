@@ -26,10 +26,12 @@ moving average starts at the first batch of a job that contains class c; until t
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 
 import torch
+from monai.losses import DiceCELoss
 
 from voxgrid.plan import Plan, TaskPriority, build_loss, prefixed_keys
 
@@ -188,6 +190,18 @@ def network_device(net: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _vmaps(loss, channels: int, device: torch.device | None) -> bool:
+    """Whether ``loss`` runs under vmap (GeneralizedDiceLoss, for one, indexes with a boolean mask)."""
+    from torch.func import vmap
+
+    logits = torch.zeros(2, 1, channels, 2, 2, 2, device=device)
+    try:
+        vmap(loss)(logits, torch.zeros(2, 1, 1, 2, 2, 2, dtype=torch.uint8, device=device))
+    except RuntimeError:
+        return False
+    return True
+
+
 class LocalObjective:
     """``objective(net, x, y)``: the plan's loss on the annotated classes, plus the proximal term.
 
@@ -200,6 +214,7 @@ class LocalObjective:
             raise ValueError(f"this dataset annotates none of the plan's classes {plan.labels[1:]}; "
                              "nothing to train on")
         self.present = sorted(present)
+        self.classes = len(plan.labels)
         partial = len(self.present) < len(plan.labels) - 1
         self.merge = is_softmax_loss(plan.loss)
         self.loss_fn = build_loss(plan, classes=[0, *self.present] if partial else None)
@@ -231,6 +246,31 @@ class LocalObjective:
             term = weights[i] * self.task_losses[c](*restrict_to_annotated(logits, target, [c], self.merge))
             total = term if total is None else total + term
         return total
+
+    def vmap_loss(self):
+        """``data_loss`` for :func:`torch.func.vmap`, or None where it has no such form (DTP, a loss not
+        built with ``to_onehot_y``). The same value on the same inputs (tested for every allowlisted
+        loss): the target is one-hot encoded by comparison, out of place, where MONAI's ``to_onehot_y``
+        scatters into a fresh tensor in place, which vmap cannot batch."""
+        if self.dtp is not None:
+            return None
+        plain = copy.deepcopy(self.loss_fn)
+        flagged = [m for m in plain.modules() if hasattr(m, "to_onehot_y")]
+        if not any(m.to_onehot_y for m in flagged):  # index targets all the way down: nothing to replace
+            return None
+        for m in flagged:
+            m.to_onehot_y = False
+        present, merge = self.present, self.merge
+
+        def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            logits, target = restrict_to_annotated(logits, target, present, merge)
+            classes = torch.arange(logits.shape[1], device=target.device, dtype=target.dtype)
+            onehot = (target == classes.view(1, -1, *([1] * (target.dim() - 2)))).to(logits.dtype)
+            if isinstance(plain, DiceCELoss):  # its cross-entropy takes the class indices, as with to_onehot_y
+                return plain.lambda_dice * plain.dice(logits, onehot) + plain.lambda_ce * plain.ce(logits, target)
+            return plain(logits, onehot)
+
+        return loss if _vmaps(loss, self.classes, self.params[0].device if self.params else None) else None
 
     def sync_state(self) -> None:
         """Bring the state carried between rounds (DTP's averages, the dict given) up to date from the

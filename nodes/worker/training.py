@@ -33,7 +33,7 @@ from voxgrid.privacy.metrics import MetricsRelease, release_dice
 from voxgrid.privacy.spec import DPSGD, TrainingContext
 
 from voxgrid.nodes.worker.devices import resolve_device
-from voxgrid.nodes.worker.dp import clipped_grad_sum
+from voxgrid.nodes.worker.dp import VmappedGradients, clipped_grad_sum, patient_chunk
 from voxgrid.nodes.worker.local_state import LocalState
 from voxgrid.nodes.worker.messages import VolumeSpec
 from voxgrid.nodes.worker.objective import LocalObjective, freeze_except
@@ -275,10 +275,10 @@ class Trainer:
         (q * patients). A step with no patient sampled still adds its noise: the analysis counts
         every step.
 
-        Per-patient gradients come from one backward pass per sampled patient (its K views one
-        batch), not from Opacus's ``GradSampleModule`` (3.4 times a plain step with its hooks, 2.9
-        with its functorch mode on the benchmark UNet); a patient's gradient then cannot depend on
-        the other patients whatever the loss does. Clipping streams (a running clipped sum, no
+        Per-patient gradients come from ``torch.func.vmap`` over a few sampled patients at a time
+        (:mod:`.dp`; each patient's K views one batch), not from Opacus's ``GradSampleModule`` (3.4 times
+        a plain step with its hooks, 2.9 with its functorch mode on the benchmark UNet); a patient's
+        gradient cannot depend on the other patients whatever the loss does. Clipping streams (a running clipped sum, no
         per-patient buffer, Opacus's clip formula); noise and scaling are Opacus's.
         FedProx's proximal term depends on the weights only, not on any patient: its gradient is
         added after the noise. No mixed precision (fp32 clipping).
@@ -303,12 +303,16 @@ class Trainer:
                           loss_reduction="mean", generator=dp_noise_generator(_params_device(params, self.device)))
         net.train()
         zeroed = 0
+        chunk = patient_chunk(f.augmentation_multiplicity, sum(p.numel() for p in params))
+        vmap_loss = objective.vmap_loss()  # None: a loss vmap cannot batch, one backward pass per patient
+        batched = VmappedGradients(net, vmap_loss, params) if vmap_loss is not None and chunk > 1 else None
         try:
             for _ in range(n_steps):
                 sampled = [g for g in groups if secret.random() < q]
                 opt.zero_grad(set_to_none=True)
                 summed, bad = clipped_grad_sum(net, objective.data_loss, params, sampled,
-                                               lambda g: self._views(crop(secret.choice(g))), f.max_grad_norm)
+                                               lambda g: self._views(crop(secret.choice(g))), f.max_grad_norm,
+                                               batched=batched, chunk=chunk)
                 zeroed += bad
                 for p, g in zip(params, summed, strict=True):  # zeros when nobody was sampled: noise only
                     p.summed_grad = g
