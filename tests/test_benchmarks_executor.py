@@ -15,6 +15,7 @@ def test_executor_benchmark_tiny_on_the_cpu(tmp_path):
     lines = []
     figures = executor.main(["--shape", "48", "48", "32", "--patch", "16", "--train-shape", "24", "24", "24",
                              "--train-patch", "16", "--volumes", "2", "--steps", "2", "--repeats", "1",
+                             "--eval-shape", "64", "64", "48", "--eval-classes", "3",
                              "--json", str(tmp_path / "f.json")], echo=lines.append)
     assert figures["device"] == "cpu" and (tmp_path / "f.json").is_file()
     draw = figures["draw"]
@@ -24,3 +25,9 @@ def test_executor_benchmark_tiny_on_the_cpu(tmp_path):
     assert figures["epoch_prep"]["batches"] == 2  # 2 volumes x 2 patches in batches of 2
     assert math.isfinite(figures["data_share"]) and 0 <= figures["data_share"] <= 1
     assert lines[-1].startswith("data path share of a training step on cpu:")
+    # evaluation peak memory, each measurement in a fresh process: now, and the one-hot scoring of before
+    three = figures["eval_memory"]["classes"]["3"]
+    assert figures["eval_memory"]["shape"] == [64, 64, 48]
+    assert three["now"]["peak_bytes"] > 0 and three["before"]["peak_bytes"] > 0
+    assert three["onehot_bytes"] == 2 * 64 * 64 * 48 * 3 * 8
+    assert any(x.startswith("[executor] evaluation peak memory, 3 classes, 64x64x48:") for x in lines)
