@@ -13,7 +13,7 @@ only a preview) and accounts what it actually ran.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import threading
 
 from .accountant import ORDERS, AccountingError, GaussianEvent, epsilon
 
@@ -21,6 +21,17 @@ from .accountant import ORDERS, AccountingError, GaussianEvent, epsilon
 RTOL = 1e-4
 #: Largest noise multiplier the search tries; a target it cannot meet is refused.
 MAX_NOISE = 1e4
+#: Derivations kept for the process's life: (target, delta, q, steps) -> noise multiplier.
+_DERIVED: dict[tuple[float, float, float, int], float] = {}
+_DERIVED_MAX = 4096
+_LOCK = threading.Lock()
+
+
+def is_derived(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> bool:
+    """Whether :func:`noise_for_target` already knows this answer (then it costs nothing: a node only
+    counts new derivations against a scientist, each a fraction of a second to seconds of CPU)."""
+    with _LOCK:
+        return (target_epsilon, delta, sample_rate, steps) in _DERIVED
 
 
 def _spent(z: float, delta: float, q: float, steps: int) -> float:
@@ -46,7 +57,6 @@ def _spent_integer_orders(z: float, delta: float, q: float, steps: int) -> float
     return float(eps) if math.isfinite(eps) else math.inf
 
 
-@lru_cache(maxsize=1024)
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier (unitless) whose RDP epsilon after ``steps`` Poisson-subsampled
     Gaussian steps at rate ``sample_rate`` is <= ``target_epsilon`` at ``delta``.
@@ -61,6 +71,10 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not (0 < sample_rate <= 1 and steps >= 1):
         raise ValueError(f"need sample_rate in (0, 1] and steps >= 1, got {sample_rate}, {steps}")
+    key = (target_epsilon, delta, sample_rate, steps)
+    with _LOCK:
+        if key in _DERIVED:
+            return _DERIVED[key]
     args = (delta, sample_rate, steps)
     # First on the integer orders (cheap), then on all orders from just below that answer: its sigma
     # already meets the target on all orders, and the true answer is within a few per cent under it.
@@ -68,7 +82,11 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
     hi, lo = fast, fast * 0.98
     while _spent(lo, *args) <= target_epsilon:
         hi, lo = lo, lo * 0.9
-    return _search(_spent, target_epsilon, lo, hi, *args)
+    z = _search(_spent, target_epsilon, lo, hi, *args)
+    with _LOCK:
+        if len(_DERIVED) < _DERIVED_MAX:
+            _DERIVED[key] = z
+    return z
 
 
 def _search(spent, target: float, lo: float, hi: float, delta: float, q: float, steps: int) -> float:

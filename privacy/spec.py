@@ -148,10 +148,16 @@ class DPSGD(_Filter):
 
     def sigma(self, ctx: TrainingContext) -> float:
         """The noise multiplier a job in ``ctx`` runs with (given, or derived from the target)."""
+        key = self.derivation(ctx)
+        return self.noise_multiplier if key is None else noise_for_target(*key)
+
+    def derivation(self, ctx: TrainingContext) -> tuple[float, float, float, int] | None:
+        """The (target, delta, q, steps) :func:`.calibration.noise_for_target` answers for a job in ``ctx``;
+        None when the plan gives the noise multiplier."""
         if self.noise_multiplier is not None:
-            return self.noise_multiplier
+            return None
         q, steps = self.schedule(ctx)
-        return noise_for_target(self.target_epsilon, self.delta, q, steps * self.rounds)
+        return self.target_epsilon, self.delta, q, steps * self.rounds
 
     def event(self, ctx: TrainingContext) -> GaussianEvent:
         """Sensitivity is max_grad_norm (add/remove one patient), so the multiplier is used as is."""

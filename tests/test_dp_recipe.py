@@ -63,6 +63,33 @@ def test_a_target_covers_all_planned_rounds_and_the_receipt_states_the_derived_n
         spec.noise_multiplier()
 
 
+def test_a_scientist_gets_a_bounded_number_of_new_targets_an_hour_and_repeats_are_free(node):  # noqa: F811
+    from voxgrid.nodes.service.limits import HourlyQuota
+    from voxgrid.nodes.service.node import Caller, TooManyTargets
+
+    node.limits = node.limits.model_copy(update={"max_new_dp_targets_per_hour": 2})
+    node._targets = HourlyQuota(2)
+    plan = request(node, TARGET).plan
+
+    def estimate(who, target):
+        return node.privacy_estimate(who, EstimateRequest(dataset="ct", privacy={**TARGET, "target_epsilon": target},
+                                                          releases=1, plan=plan))
+
+    estimate(ALICE, 4.321)
+    estimate(ALICE, 5.321)
+    for _ in range(3):
+        estimate(ALICE, 4.321)  # derived already: costs the node nothing, counts nothing
+    with pytest.raises(TooManyTargets, match="2 new DP-SGD privacy targets") as e:
+        estimate(ALICE, 6.321)
+    assert e.value.status == 429
+    with pytest.raises(TooManyTargets):  # a job with a new target is refused the same way, before anything runs
+        node.submit(ALICE, request(node, {**TARGET, "target_epsilon": 6.321}, round=1))
+    assert estimate(Caller("bob", "scientist"), 6.321).epsilon_total <= 6.321 + 1e-9  # another scientist's own quota
+    estimate(ALICE, 6.321)  # now derived (for bob): free for alice too
+    quota = HourlyQuota(1)
+    assert quota.take("a", now=0.0) and not quota.take("a", now=3599.0) and quota.take("a", now=3600.5)
+
+
 @pytest.mark.parametrize("change,field", [
     ({"noise_multiplier": 1.0}, "exactly one of noise_multiplier or target_epsilon"),
     ({"rounds": None}, "target_epsilon needs rounds"),

@@ -55,12 +55,37 @@ class JobLimits(ConfigSection):
     max_queued_jobs: int = Field(100, ge=1)
     #: times a job that was running when the node stopped is run again before it is failed
     max_job_restarts: int = Field(1, ge=0)
+    #: new DP-SGD privacy targets (target epsilon, delta and schedule the node has not derived a noise
+    #: multiplier for: up to seconds of CPU each) one scientist may ask of the node in any hour
+    max_new_dp_targets_per_hour: int = Field(30, ge=1)
 
 
     def worker_memory_bytes(self) -> int:
         if self.max_worker_memory_mb is not None:
             return self.max_worker_memory_mb * 2 ** 20
         return int(0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class HourlyQuota:
+    """At most ``per_hour`` takes per key in any sliding hour (thread-safe); ``take`` says whether one was left."""
+
+    def __init__(self, per_hour: int):
+        self.per_hour = per_hour
+        self._taken: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float | None = None) -> bool:
+        import time
+
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._taken.setdefault(key, deque())
+            while times and times[0] <= now - 3600:
+                times.popleft()
+            if len(times) >= self.per_hour:
+                return False
+            times.append(now)
+            return True
 
 
 class LimitExceeded(ValueError):

@@ -27,6 +27,7 @@ from voxgrid import tensors
 from voxgrid.plan import Plan, PlanError
 from voxgrid.privacy import (AccountingError, BudgetExceeded, BudgetStatus, Ledger, LedgerError, LedgerView,
                              PrivacySpec, PrivacySpecError, TrainingContext)
+from voxgrid.privacy.calibration import is_derived
 from voxgrid.privacy.metrics import MetricsRelease, dice_sensitivity
 from voxgrid.privacy.secagg import SecAggError
 from voxgrid.wire import (NAME_RE, AdvertisedKeys, AuditEntry, BudgetSet, DatasetInfo, EncryptedShare, Estimate,
@@ -39,7 +40,7 @@ from voxgrid.nodes.service.db import TokenError, UnknownToken
 from voxgrid.nodes.service.executor import Executor
 from voxgrid.nodes.service.pool import ExecutorPool, executor_for
 from voxgrid.nodes.service.home import Home
-from voxgrid.nodes.service.limits import JobLimits, LimitExceeded, check_plan
+from voxgrid.nodes.service.limits import HourlyQuota, JobLimits, LimitExceeded, check_plan
 from voxgrid.nodes.service.secure import NodeSecAgg, SecureAggregationRefused, parse_config
 from voxgrid.nodes.service.store import NodeStore, new_job_id
 from voxgrid.nodes.service.waits import JobWaits
@@ -141,6 +142,12 @@ class TooManyJobs(ServiceError):
     status, title = 429, "Too many jobs"
 
 
+class TooManyTargets(ServiceError):
+    """429: the scientist asked for more new DP-SGD privacy targets this hour than the node derives."""
+
+    status, title = 429, "Too many new privacy targets"
+
+
 class BudgetRefused(Forbidden):
     """The job's projected privacy spend exceeds a budget the owner set (invariant 5)."""
 
@@ -195,6 +202,7 @@ class NodeService:
         self.secagg = NodeSecAgg(self.config.name, home.tls)
         self.executor: Executor | ExecutorPool | None = None
         self.limits = JobLimits.parse(self.config.limits)
+        self._targets = HourlyQuota(self.limits.max_new_dp_targets_per_hour)  # new DP-SGD targets, a scientist
         from voxgrid.nodes.service.approvals import Approvals  # here: approvals.py imports this module's errors
 
         self.approvals = Approvals(self.store, self.config.name, self._approval_estimate)  # the owner's decisions (policies, requests)
@@ -338,6 +346,7 @@ class NodeService:
         if req.kind == "train":
             self._check_secure(caller, req, spec)
         self._check_limits(caller, plan, req, ds)
+        self._check_target(caller.name, spec, plan, ds)
         if req.weights_id not in self._weights and not (self.home.blobs / f"{req.weights_id}.safetensors").is_file():
             raise Invalid(f"unknown weights {req.weights_id}: upload them first (PUT /v1/weights)")
         split = "train" if req.kind == "train" else req.split
@@ -630,6 +639,23 @@ class NodeService:
                 except TimeoutError:
                     pass
 
+    def _check_target(self, scientist: str, spec: PrivacySpec | None, plan: Plan, ds) -> None:
+        """A DP-SGD target the node has not yet derived a noise multiplier for costs it up to seconds of
+        CPU: at most ``limits.max_new_dp_targets_per_hour`` of them a scientist (TooManyTargets, 429)."""
+        if spec is None or spec.dp_sgd is None:
+            return
+        try:
+            key = spec.dp_sgd.derivation(TrainingContext.of(plan, ds.volumes))
+        except ValueError as exc:
+            raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
+        if key is None or is_derived(*key) or self._targets.take(scientist):
+            return
+        limit = self.limits.max_new_dp_targets_per_hour
+        self.store.audit(scientist, "job.refused", f"over {limit} new DP-SGD privacy targets in an hour")
+        raise TooManyTargets(f"{scientist!r} asked node {self.config.name!r} for {limit} new DP-SGD privacy targets "
+                             "(target_epsilon, delta, schedule) in the last hour, its limit: each costs the node a "
+                             "noise calibration; reuse a target already asked for, or wait")
+
     def privacy_estimate(self, caller: Caller, req: EstimateRequest) -> Estimate:
         """What more releases would cost the caller on a dataset, against the budgets that apply."""
         self.require(caller, "scientist", "owner")
@@ -654,9 +680,11 @@ class NodeService:
             if req.plan is None:
                 raise Invalid("a 'dp_sgd' estimate needs the plan (its batch size and epochs set the cost)")
             try:
-                context = TrainingContext.of(Plan.model_validate(req.plan), ds.volumes)
+                plan = Plan.model_validate(req.plan)
+                context = TrainingContext.of(plan, ds.volumes)
             except (ValidationError, PlanError, ValueError) as exc:
                 raise Invalid(f"plan refused by node {self.config.name!r}: {exc}") from exc
+            self._check_target(scientist, spec, plan, ds)
         try:
             return self.ledger.estimate(req.dataset, scientist, spec, req.releases, context)
         except AccountingError as exc:
