@@ -280,6 +280,32 @@ def test_a_network_vmap_cannot_batch_falls_back_to_one_pass_per_patient_with_the
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
 
 
+class _OutOfMemoryUnderVmap(torch.nn.Module):
+    """A fault not caused for real here: the GPU running out of memory for several patients at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under vmap: several patients
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return self.conv(x)
+
+
+def test_out_of_memory_for_several_patients_falls_back_to_one_pass_per_patient(caplog):
+    torch.manual_seed(0)
+    net = _OutOfMemoryUnderVmap()
+    params, loss = list(net.parameters()), DiceCELoss(softmax=True)
+    patients = [(torch.rand(1, 1, 8, 8, 8), torch.randint(0, 2, (1, 2, 8, 8, 8)).float()) for _ in range(3)]
+    want, _ = clipped_grad_sum(net, loss, params, patients, lambda v: v, 1e-3)
+    batched = VmappedGradients(net, loss, params)
+    got, _ = clipped_grad_sum(net, loss, params, patients, lambda v: v, 1e-3, batched=batched, chunk=3)
+    assert not batched.usable and "out of memory for several patients" in caplog.text
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_dtp_and_losses_without_one_hot_keep_one_pass_per_patient():
     from voxgrid.nodes.worker.dp import patient_chunk
     from voxgrid.nodes.worker.objective import LocalObjective

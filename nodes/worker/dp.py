@@ -50,8 +50,8 @@ def patient_gradient(net: torch.nn.Module, loss_fn: Loss, params: Sequence[torch
 class VmappedGradients:
     """``grads(x, y)``: for x, y (patients, K, 1, *patch), each patient's gradient, one tensor
     (patients, *param shape) per parameter, or None where this network cannot be vmapped (some of
-    MONAI's networks add in place into captured tensors: AttentionUnet, VNet); after the first such
-    failure ``usable`` is False for the job. ``loss_fn`` must be vmap-safe (:meth:`LocalObjective.vmap_loss`);
+    MONAI's networks add in place into captured tensors: AttentionUnet, VNet) or several patients do not
+    fit in memory; after the first such failure ``usable`` is False for the job. ``loss_fn`` must be vmap-safe (:meth:`LocalObjective.vmap_loss`);
     dropout draws differ per patient, as in a loop."""
 
     def __init__(self, net: torch.nn.Module, loss_fn: Loss, params: Sequence[torch.Tensor]):
@@ -73,12 +73,11 @@ class VmappedGradients:
             return None
         try:
             out = self._per_patient({n: p.detach() for n, p in zip(self.names, self.params, strict=True)}, x, y)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:  # structural (the network's code), the same for every patient
+        except RuntimeError as exc:  # the network's code, or memory for several patients: not any one patient's
             self.usable = False
-            logging.getLogger(__name__).warning("DP-SGD: the network cannot be vmapped (%s); one backward pass "
-                                                "per patient", str(exc).splitlines()[0][:200])
+            why = "out of memory for several patients at once" if isinstance(exc, torch.OutOfMemoryError) else \
+                f"the network cannot be vmapped: {str(exc).splitlines()[0][:200]}"
+            logging.getLogger(__name__).warning("DP-SGD: %s; one backward pass per patient", why)
             return None
         return [out[n] for n in self.names]
 
