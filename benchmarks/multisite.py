@@ -163,9 +163,9 @@ def strategy_for(label: str, plan):
     if label == "FedProx":
         return voxgrid.FedProx(mu=0.01), plan
     if label == "DWA":
-        return voxgrid.DWA(T=2.0, xi=2.0), plan
+        return voxgrid.DWA(T=2.0), plan  # xi = 1 (the default): a convex combination; xi = 2 overshot (README)
     if label == "DWA+DTP":
-        return voxgrid.DWA(T=2.0, xi=2.0), plan.with_local(dtp=DTP)
+        return voxgrid.DWA(T=2.0), plan.with_local(dtp=DTP)
     if label == "FedBN":
         return voxgrid.FedBN(), plan
     if label == "MT-heads":
