@@ -50,9 +50,11 @@ def patient_gradient(net: torch.nn.Module, loss_fn: Loss, params: Sequence[torch
 class VmappedGradients:
     """``grads(x, y)``: for x, y (patients, K, 1, *patch), each patient's gradient, one tensor
     (patients, *param shape) per parameter, or None where this network cannot be vmapped (some of
-    MONAI's networks add in place into captured tensors: AttentionUnet, VNet) or several patients do not
-    fit in memory; after the first such failure ``usable`` is False for the job. ``loss_fn`` must be vmap-safe (:meth:`LocalObjective.vmap_loss`);
-    dropout draws differ per patient, as in a loop."""
+    MONAI's networks add in place into captured tensors: AttentionUnet, VNet) or several patients do
+    not fit in memory; after the first such failure ``usable`` is False for the job.
+
+    ``loss_fn`` must be vmap-safe (:meth:`LocalObjective.vmap_loss`); dropout draws differ per patient,
+    as in a loop."""
 
     def __init__(self, net: torch.nn.Module, loss_fn: Loss, params: Sequence[torch.Tensor]):
         from torch.func import functional_call, grad, vmap
@@ -121,7 +123,7 @@ def clipped_grad_sum(net: torch.nn.Module, loss_fn: Loss, params: Sequence[torch
         grads = batched(torch.stack([x for x, _ in group]), torch.stack([y for _, y in group])) if step > 1 else None
         if grads is None:
             each = [patient_gradient(net, loss_fn, params, x, y) for x, y in group]
-            grads = [torch.stack(g) for g in zip(*each, strict=True)]
+            grads = [torch.stack(g) if len(g) > 1 else g[0][None] for g in zip(*each, strict=True)]
         factors = clip_factors(grads, max_grad_norm)
         bad = int((factors == 0).sum())  # one read a chunk: a zeroed patient's NaNs must not reach the sum
         zeroed += bad
