@@ -15,7 +15,7 @@ Several patients go through the network together under ``torch.func.vmap`` (``ch
 each patient's gradient is still computed from its own views alone, but the convolutions see a
 batch. On the CPU this matters more than the batch's arithmetic: for a batch of one small 3D input
 torch picks its slow reference convolution over oneDNN's, so one backward pass per patient made a
-DP-SGD step 2.4-2.7 times a plain one; vmapped, 1.3-1.8 times (README, "Privacy").
+DP-SGD step 2.2-2.7 times a plain one; vmapped, 1.3-1.8 times (``benchmarks/dp_step.py``).
 """
 
 from __future__ import annotations
