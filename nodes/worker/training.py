@@ -303,7 +303,9 @@ class Trainer:
                           loss_reduction="mean", generator=dp_noise_generator(_params_device(params, self.device)))
         net.train()
         zeroed = 0
-        chunk = patient_chunk(f.augmentation_multiplicity, sum(p.numel() for p in params))
+        # At most a plain step's batch of patches at once (what the node's limits vetted), and 8.
+        chunk = patient_chunk(f.augmentation_multiplicity, sum(p.numel() for p in params),
+                              patches=min(8, max(plan.batch_size, f.augmentation_multiplicity)))
         vmap_loss = objective.vmap_loss()  # None: a loss vmap cannot batch, one backward pass per patient
         batched = VmappedGradients(net, vmap_loss, params) if vmap_loss is not None and chunk > 1 else None
         try:
