@@ -278,8 +278,9 @@ class Trainer:
         Per-patient gradients come from ``torch.func.vmap`` over a few sampled patients at a time
         (:mod:`.dp`; each patient's K views one batch), not from Opacus's ``GradSampleModule`` (3.4 times
         a plain step with its hooks, 2.9 with its functorch mode on the benchmark UNet); a patient's
-        gradient cannot depend on the other patients whatever the loss does. Clipping streams (a running clipped sum, no
-        per-patient buffer, Opacus's clip formula); noise and scaling are Opacus's.
+        gradient cannot depend on the other patients whatever the loss does. Clipping streams (a running
+        clipped sum, per-patient gradients for one chunk at a time, Opacus's clip formula); noise and
+        scaling are Opacus's.
         FedProx's proximal term depends on the weights only, not on any patient: its gradient is
         added after the noise. No mixed precision (fp32 clipping).
         The training loss is not reported (None): it is a statistic of the patients released
